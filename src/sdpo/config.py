@@ -1,0 +1,390 @@
+"""SDPOConfig: every hyperparameter of sdpo, declared once, with its one-line doc and default.
+
+Sections mirror the algorithm: ``model``, ``generation``, ``self_distillation``,
+``policy_gradient``, ``optimization``, ``run``. The seed's flat form works too::
+
+    SDPOConfig(model_name="gpt2", num_samples_per_prompt=4,
+               self_distillation__success_reward_threshold=0.8, self_distillation__alpha=0.5)
+
+A bare leaf name that exists in exactly one section (``alpha=1.0``) is accepted as well.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _f(default: Any, doc: str, **choices: Any) -> Any:
+    """A dataclass field with its help text (and optional allowed values) in the metadata."""
+    meta = {"doc": doc, **choices}
+    if isinstance(default, (list, dict, tuple)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+DEFAULT_REPROMPT_TEMPLATE = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question.\n"
+DEFAULT_SOLUTION_TEMPLATE = "\nCorrect solution:\n\n{successful_previous_attempt}\n\n"
+DEFAULT_FEEDBACK_TEMPLATE = (
+    "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback_raw}\n\n"
+)
+
+
+@dataclass
+class ModelConfig:
+    """How the policy model is loaded."""
+
+    dtype: str = _f("auto", "Weights dtype; auto = float32 on CPU, bfloat16 on CUDA.", choices=("auto", "float32", "float16", "bfloat16"))
+    device: str | None = _f(None, "Device to run on (cpu, cuda, cuda:1); None picks CUDA when available.")
+    trust_remote_code: bool = _f(False, "Allow custom model code from the model directory.")
+    max_prompt_length: int = _f(512, "Prompts longer than this many tokens are skipped and counted.", min=1)
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling of the G rollouts per prompt."""
+
+    max_new_tokens: int = _f(64, "Maximum completion length in tokens.", min=1)
+    temperature: float = _f(1.0, "Sampling temperature T (log-probs are computed at the same T).", min_exclusive=0.0)
+    top_p: float = _f(1.0, "Nucleus sampling mass; 1.0 disables it.", min_exclusive=0.0, max=1.0)
+    top_k: int = _f(0, "Sample from the k most likely tokens; 0 disables it.", min=0)
+
+
+@dataclass
+class SelfDistillationConfig:
+    """The self-teacher: who it is, what context it sees, and how the student is pulled toward it."""
+
+    success_reward_threshold: float = _f(1.0, "Completions with reward >= this are successes (demonstrations).")
+    alpha: float = _f(0.5, "Divergence: 0 = forward KL(teacher||student), 1 = reverse KL, between = alpha-mixture JSD.", min=0.0, max=1.0)
+    distillation_weight: float = _f(1.0, "Weight of the distillation loss.", min=0.0)
+    distillation_topk: int | None = _f(None, "Distill on the student's top-k tokens only; None = full vocabulary.", min=1)
+    distillation_add_tail: bool = _f(True, "With top-k, add one tail bucket holding the remaining mass (else renormalize over the k ids).")
+    distillation_level: str = _f("logit", "logit = full/top-k distribution matching; token = sampled-token variant (alpha must be 1).", choices=("logit", "token"))
+    is_clip: float | None = _f(2.0, "Clip of the importance weight pi_theta/pi_old on the distillation loss; None disables it.", min_exclusive=0.0)
+    teacher: str = _f("ema", "Teacher kind: ema copy, frozen initial model, live student, or trust_region lerp.", choices=("ema", "frozen", "live", "trust_region"))
+    teacher_update_rate: float = _f(0.05, "EMA rate beta: phi <- (1-beta) phi + beta theta (trust_region: lerp weight).", min=0.0, max=1.0)
+    dont_reprompt_on_self_success: bool = _f(True, "Never use a completion as its own demonstration.")
+    demonstration_selection: str = _f("first", "Which successful sibling becomes the demonstration.", choices=("first", "random", "shortest"))
+    remove_thinking_from_demonstration: bool = _f(True, "Strip <think>...</think> from demonstrations.")
+    include_environment_feedback: bool = _f(True, "Put the environment's feedback for this completion in the teacher context.")
+    environment_feedback_only_without_solution: bool = _f(True, "Use feedback only when no demonstration is available.")
+    max_reprompt_len: int = _f(2048, "Token limit of the teacher prompt; demonstration/feedback are shortened first.", min=1)
+    reprompt_template: str = _f(DEFAULT_REPROMPT_TEMPLATE, "Teacher prompt; fields {prompt}, {solution}, {feedback}.")
+    solution_template: str = _f(DEFAULT_SOLUTION_TEMPLATE, "Demonstration block; field {successful_previous_attempt}.")
+    feedback_template: str = _f(DEFAULT_FEEDBACK_TEMPLATE, "Feedback block; field {feedback_raw}.")
+    loss_chunk_size: int = _f(1024, "Completion positions per chunk when computing logits and divergences (memory O(chunk x vocab)).", min=1)
+
+
+@dataclass
+class PolicyGradientConfig:
+    """GRPO-style policy gradient and the reference KL penalty."""
+
+    pg_loss_weight: float = _f(1.0, "Weight of the clipped policy-gradient loss.", min=0.0)
+    kl_penalty_weight: float = _f(0.01, "Weight of the k3 reference-KL penalty; 0 skips loading a reference model.", min=0.0)
+    clip_eps_low: float = _f(0.2, "Lower clip epsilon of the ratio (1 - eps_low).", min=0.0)
+    clip_eps_high: float = _f(0.2, "Upper clip epsilon of the ratio (1 + eps_high); DAPO uses 0.28.", min=0.0)
+    scale_rewards: bool = _f(True, "Divide group-centred rewards by the group's std + eps (official SDPO runs: off).")
+    loss_aggregation: str = _f("token_mean", "token_mean (DAPO), sequence_mean (GRPO) or dr_grpo (constant normalizer).", choices=("token_mean", "sequence_mean", "dr_grpo"))
+
+
+@dataclass
+class OptimizationConfig:
+    """Optimizer, schedule and batching."""
+
+    learning_rate: float = _f(1e-5, "AdamW learning rate.", min_exclusive=0.0)
+    weight_decay: float = _f(0.01, "AdamW weight decay.", min=0.0)
+    adam_beta1: float = _f(0.9, "AdamW beta1.", min=0.0, max=1.0)
+    adam_beta2: float = _f(0.999, "AdamW beta2.", min=0.0, max=1.0)
+    warmup_steps: int = _f(0, "Linear warm-up steps.", min=0)
+    lr_scheduler: str = _f("constant", "Schedule after warm-up.", choices=("constant", "linear", "cosine"))
+    max_grad_norm: float | None = _f(1.0, "Gradient-norm clip; None disables it.", min_exclusive=0.0)
+    prompts_per_step: int = _f(8, "Prompts B per step when the trainer builds the data loader itself.", min=1)
+    micro_batch_size: int = _f(8, "Completions per forward/backward pass (gradient accumulation over the rest).", min=1)
+    updates_per_batch: int = _f(1, "Optimizer updates per generated batch (>1 reuses it off-policy with IS clipping).", min=1)
+
+
+@dataclass
+class RunConfig:
+    """Bookkeeping: seeds, output, length, logging, checkpoints."""
+
+    seed: int = _f(0, "Random seed of the run.")
+    output_dir: str = _f("runs/sdpo", "Run directory (metrics, samples, checkpoints).")
+    max_steps: int = _f(100, "Training steps (one step = one generated batch).", min=1)
+    logging_steps: int = _f(1, "Write metrics every N steps.", min=1)
+    eval_steps: int = _f(0, "Evaluate every N steps (0 = only at the start and the end).", min=0)
+    eval_max_prompts: int | None = _f(None, "Evaluate on at most this many eval prompts.", min=1)
+    sample_log_steps: int = _f(10, "Write sample records to samples.jsonl every N steps.", min=1)
+    save_steps: int = _f(50, "Checkpoint every N steps (and at the end).", min=1)
+    save_total_limit: int = _f(2, "Keep the last K checkpoints.", min=1)
+    resume_from: str | None = _f(None, "Run directory or checkpoint to resume from.")
+    max_consecutive_nonfinite: int = _f(3, "Stop after this many steps in a row with a non-finite loss.", min=1)
+    progress_bar: bool = _f(True, "Show a progress bar.")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "generation": GenerationConfig,
+    "self_distillation": SelfDistillationConfig,
+    "policy_gradient": PolicyGradientConfig,
+    "optimization": OptimizationConfig,
+    "run": RunConfig,
+}
+
+
+@dataclass
+class SDPOConfig:
+    """The whole configuration of an sdpo run (see the section classes for each field's doc)."""
+
+    model_name: str = _f("demo", "Model path or hub id; 'demo' = the small model shipped with sdpo.")
+    num_samples_per_prompt: int = _f(4, "Rollouts per prompt G (one group).", min=1)
+    task: str | None = _f(None, "Built-in task for `sdpo train` (e.g. arithmetic, reversal, code); None = from the data path.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    self_distillation: SelfDistillationConfig = field(default_factory=SelfDistillationConfig)
+    policy_gradient: PolicyGradientConfig = field(default_factory=PolicyGradientConfig)
+    optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __init__(self, **kwargs: Any) -> None:
+        for fld in dataclasses.fields(self):
+            has_factory = fld.default_factory is not dataclasses.MISSING
+            setattr(self, fld.name, fld.default_factory() if has_factory else fld.default)
+        for key, value in kwargs.items():
+            if key in SECTIONS and isinstance(value, dict):
+                for sub, v in value.items():
+                    self.set(f"{key}.{sub}", v)
+            elif key in SECTIONS and isinstance(value, SECTIONS[key]):
+                setattr(self, key, value)
+            else:
+                self.set(key.replace("__", "."), value)
+        self.validate()
+
+    # ----- lookup -------------------------------------------------------------------------------
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        """Every valid dotted key, e.g. ``self_distillation.alpha``."""
+        top = [f.name for f in dataclasses.fields(cls) if f.name not in SECTIONS]
+        return top + [f"{s}.{f.name}" for s, c in SECTIONS.items() for f in dataclasses.fields(c)]
+
+    @classmethod
+    def resolve_key(cls, key: str) -> str:
+        """Map a dotted key, or a leaf name unique across sections, to its dotted key."""
+        valid = cls.keys()
+        if key in valid:
+            return key
+        if "." not in key:
+            owners = [k for k in valid if k.split(".")[-1] == key]
+            if len(owners) == 1:
+                return owners[0]
+        leaves = {k.split(".")[-1] for k in valid}
+        close = difflib.get_close_matches(key, valid + sorted(leaves), n=3, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise KeyError(f"Unknown config key {key!r}.{hint} (`sdpo train --help` lists all keys.)")
+
+    @staticmethod
+    def field_info(key: str) -> tuple[dataclasses.Field, Any]:
+        """The dataclass field and its resolved type for a dotted key."""
+        owner: type = SDPOConfig
+        name = key
+        if "." in key:
+            section, name = key.split(".", 1)
+            owner = SECTIONS[section]
+        fld = next(f for f in dataclasses.fields(owner) if f.name == name)
+        return fld, typing.get_type_hints(owner)[name]
+
+    def get(self, key: str) -> Any:
+        """Value of a (dotted or unique leaf) key."""
+        key = self.resolve_key(key)
+        obj: Any = self
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def set(self, key: str, value: Any) -> None:
+        """Set a (dotted or unique leaf) key, converting strings to the field's type."""
+        key = self.resolve_key(key)
+        fld, typ = self.field_info(key)
+        value = _convert(key, value, typ)
+        obj: Any = self
+        *path, name = key.split(".")
+        for part in path:
+            obj = getattr(obj, part)
+        setattr(obj, name, value)
+
+    def apply_overrides(self, overrides: list[str]) -> SDPOConfig:
+        """Apply ``key=value`` strings (``self_distillation.alpha=1.0``) in order, then validate."""
+        for item in overrides:
+            if "=" not in item:
+                raise ValueError(f"Override {item!r} must look like key=value, e.g. self_distillation.alpha=1.0")
+            key, raw = item.split("=", 1)
+            self.set(key.strip(), raw.strip())
+        self.validate()
+        return self
+
+    # ----- validation ---------------------------------------------------------------------------
+
+    def validate(self) -> SDPOConfig:
+        """Check every field's type and range; raise ValueError naming the field and the allowed range."""
+        for key in self.keys():
+            fld, typ = self.field_info(key)
+            value = self.get(key)
+            _convert(key, value, typ)  # type check
+            meta = fld.metadata
+            if value is None:
+                continue
+            if "choices" in meta and value not in meta["choices"]:
+                raise ValueError(f"{key} = {value!r} is not one of {list(meta['choices'])}.")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if isinstance(value, float) and math.isnan(value):
+                    raise ValueError(f"{key} is NaN; give a finite number.")
+                lo, hi = meta.get("min"), meta.get("max")
+                lo_ex = meta.get("min_exclusive")
+                if lo is not None and value < lo:
+                    raise ValueError(f"{key} = {value} is out of range: must be >= {lo}{f' and <= {hi}' if hi is not None else ''}.")
+                if hi is not None and value > hi:
+                    raise ValueError(f"{key} = {value} is out of range: must be <= {hi}{f' and >= {lo}' if lo is not None else ''}.")
+                if lo_ex is not None and value <= lo_ex:
+                    raise ValueError(f"{key} = {value} is out of range: must be > {lo_ex}.")
+        sd = self.self_distillation
+        if not math.isfinite(sd.success_reward_threshold):
+            raise ValueError("self_distillation.success_reward_threshold must be a finite number.")
+        if sd.distillation_level == "token" and sd.alpha != 1.0:
+            raise ValueError("self_distillation.distillation_level = 'token' needs self_distillation.alpha = 1.0 (reverse KL on the sampled token).")
+        return self
+
+    # ----- serialization ------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dict of the config."""
+        out: dict[str, Any] = {
+            "model_name": self.model_name,
+            "num_samples_per_prompt": self.num_samples_per_prompt,
+            "task": self.task,
+        }
+        for name in SECTIONS:
+            out[name] = dataclasses.asdict(getattr(self, name))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SDPOConfig:
+        """Build from a nested (or flat dotted) dict; unknown keys raise with the closest valid key."""
+        if not isinstance(data, dict):
+            raise ValueError(f"A config must be a mapping of keys to values, got {type(data).__name__}.")
+        return cls(**{k.replace(".", "__"): v for k, v in data.items()})
+
+    def to_yaml(self, path: str | Path) -> None:
+        """Write the config as YAML."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> SDPOConfig:
+        """Read a YAML config written by :meth:`to_yaml` (or by hand; sections may be partial)."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"Config file {path} does not exist.")
+        data = yaml.safe_load(path.read_text()) or {}
+        if isinstance(data, dict) and "preset" in data:
+            name = data.pop("preset")
+            base = cls.preset(name)
+            for key, value in _flatten(data):
+                base.set(key, value)
+            return base.validate()
+        return cls.from_dict(data)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> SDPOConfig:
+        """A named preset (``seed``, ``paper``, ``grpo``) with optional keyword overrides."""
+        if name not in PRESETS:
+            raise KeyError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
+        config = cls()
+        for key, value in PRESETS[name].items():
+            config.set(key, value)
+        for key, value in overrides.items():
+            config.set(key.replace("__", "."), value)
+        return config.validate()
+
+    def __repr__(self) -> str:
+        return f"SDPOConfig({self.to_dict()!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SDPOConfig) and self.to_dict() == other.to_dict()
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and key in SECTIONS:
+            items.extend(_flatten(value, full + "."))
+        else:
+            items.append((full, value))
+    return items
+
+
+_NONE_STRINGS = {"none", "null", "~", ""}
+
+
+def _convert(key: str, value: Any, typ: Any) -> Any:
+    """Convert ``value`` (possibly a string from the command line) to ``typ`` or raise ValueError."""
+    args = typing.get_args(typ)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), typ) if args else typ
+    if value is None or (isinstance(value, str) and optional and value.strip().lower() in _NONE_STRINGS):
+        if optional:
+            return None
+        raise ValueError(f"{key} may not be None; expected {base.__name__}.")
+    if isinstance(value, str) and base is not str:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{key}: cannot parse {value!r} as {base.__name__}.") from exc
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{key} must be true or false, got {value!r}.")
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"{key} must be an integer, got {value!r}.")
+        return int(value)
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} must be a number, got {value!r}.")
+        return float(value)
+    if base is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key} must be a string, got {value!r}.")
+        return value
+    return value
+
+
+# Presets: overrides of the seed defaults. `paper` = SPEC section 7's official-run values.
+PRESETS: dict[str, dict[str, Any]] = {
+    "seed": {},
+    "paper": {
+        "num_samples_per_prompt": 8,
+        "self_distillation.distillation_topk": 100,
+        "self_distillation.distillation_add_tail": True,
+        "self_distillation.is_clip": 2.0,
+        "self_distillation.success_reward_threshold": 1.0,
+        "self_distillation.teacher_update_rate": 0.05,
+        "policy_gradient.pg_loss_weight": 0.0,
+        "policy_gradient.kl_penalty_weight": 0.0,
+        "policy_gradient.scale_rewards": False,
+        "optimization.learning_rate": 1e-5,
+        "optimization.weight_decay": 0.01,
+        "optimization.max_grad_norm": 1.0,
+        "optimization.prompts_per_step": 32,
+    },
+    "grpo": {
+        "self_distillation.distillation_weight": 0.0,
+        "policy_gradient.pg_loss_weight": 1.0,
+    },
+}
