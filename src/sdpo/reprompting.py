@@ -1,0 +1,300 @@
+"""Reprompting: build the self-teacher's context for each completion (SPEC section 3).
+
+For completion ``i`` of group ``g`` the teacher sees the original question plus a successful
+sibling from ``g`` (the *demonstration*) and/or the environment's feedback on ``i``. With the
+default templates a teacher prompt reads::
+
+    {question}
+    Correct solution:
+
+    {demonstration}
+
+
+    The following is feedback from your unsuccessful earlier attempt:
+
+    {feedback}
+
+
+
+    Correctly solve the original question.
+
+Completions with neither a demonstration nor usable feedback get no context (``None``); they are
+masked out of the distillation loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sdpo.config import SelfDistillationConfig
+
+Prompt = str | list[dict[str, str]]
+
+TRUNCATION_MARKER = "\n...[truncated]"
+
+
+@dataclass
+class TeacherContext:
+    """The self-teacher's context for one completion.
+
+    Attributes:
+        prompt: the teacher prompt; a string, or chat messages when the student prompt was messages.
+        demonstration_index: index (into the batch's completions) of the demonstration, or None.
+        used_feedback: whether the environment's feedback is part of the prompt.
+    """
+
+    prompt: Prompt
+    demonstration_index: int | None
+    used_feedback: bool
+
+
+def strip_thinking(text: str) -> str:
+    """Remove reasoning: ``<think>...</think>`` blocks, a leading reasoning part closed by a
+    ``</think>`` without an opener (chat templates that open the block themselves), and an unclosed
+    ``<think>`` block running to the end."""
+    text = re.sub(r"<think>.*?</think>", "", text, flags=re.DOTALL)
+    if "</think>" in text:
+        text = text.rsplit("</think>", 1)[1]
+    return text.split("<think>", 1)[0].strip()
+
+
+def reprompt_stats(
+    contexts: Sequence[TeacherContext | None],
+    rewards: Sequence[float],
+    group_ids: Sequence[int],
+    threshold: float,
+) -> dict[str, float]:
+    """Fractions describing one batch's teacher contexts (SPEC section 8 names).
+
+    - ``success_group_fraction``: groups with at least one success / groups;
+    - ``success_sample_fraction``: completions with ``reward >= threshold`` / N;
+    - ``reprompt_sample_fraction``: completions with a teacher context / N;
+    - ``feedback_used_fraction``: contexts that include feedback / N;
+    - ``demonstration_used_fraction``: contexts that include a demonstration / N.
+
+    An empty batch gives zeros.
+    """
+    n = len(contexts)
+    group_ids = [int(g) for g in group_ids]
+    success = [float(r) >= threshold for r in rewards]
+    groups = set(group_ids)
+    succeeded = {g for g, s in zip(group_ids, success, strict=True) if s}
+    given = [c for c in contexts if c is not None]
+    if n == 0:
+        return dict.fromkeys(
+            (
+                "success_group_fraction",
+                "success_sample_fraction",
+                "reprompt_sample_fraction",
+                "feedback_used_fraction",
+                "demonstration_used_fraction",
+            ),
+            0.0,
+        )
+    return {
+        "success_group_fraction": len(succeeded) / len(groups),
+        "success_sample_fraction": sum(success) / n,
+        "reprompt_sample_fraction": len(given) / n,
+        "feedback_used_fraction": sum(c.used_feedback for c in given) / n,
+        "demonstration_used_fraction": sum(c.demonstration_index is not None for c in given) / n,
+    }
+
+
+class Reprompter:
+    """Builds teacher contexts from a scored batch, following a :class:`SelfDistillationConfig`.
+
+    Args:
+        config: the ``self_distillation`` section (threshold, selection, templates, length limit).
+        tokenizer: used to enforce ``max_reprompt_len``; without one no limit is applied.
+        seed: seed of the generator behind ``demonstration_selection="random"``.
+
+    After every :meth:`build`, ``last_stats`` holds :func:`reprompt_stats` plus
+    ``dropped_too_long`` (contexts dropped because even without demonstration and feedback they
+    exceed the limit) and ``truncated`` (contexts whose demonstration/feedback were shortened).
+    """
+
+    def __init__(
+        self, config: SelfDistillationConfig, tokenizer: Any = None, seed: int = 0
+    ) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.rng = random.Random(seed)
+        self.last_stats: dict[str, float] = {}
+
+    def build(
+        self,
+        prompts: Sequence[Prompt],
+        completions: Sequence[str],
+        rewards: Sequence[float],
+        group_ids: Sequence[int],
+        feedback: Sequence[str | None] | None = None,
+    ) -> list[TeacherContext | None]:
+        """One teacher context (or None) per completion.
+
+        Args:
+            prompts: the student prompt of each completion (N entries; strings or chat messages).
+            completions: the sampled completions (N).
+            rewards: their rewards (N).
+            group_ids: the group (prompt) of each completion (N ints); demonstrations come from the same group.
+            feedback: the environment's feedback per completion (N, None or "" = none), or None.
+        """
+        cfg = self.config
+        n = len(completions)
+        feedback = [None] * n if feedback is None else list(feedback)
+        rewards = [float(r) for r in rewards]
+        group_ids = [int(g) for g in group_ids]  # tensors would hash by identity
+        for name, values in (
+            ("prompts", prompts),
+            ("rewards", rewards),
+            ("group_ids", group_ids),
+            ("feedback", feedback),
+        ):
+            if len(values) != n:
+                raise ValueError(
+                    f"Reprompter.build: {name} has {len(values)} entries for {n} completions."
+                )
+        successes: dict[int, list[int]] = {}
+        for i, (g, r) in enumerate(zip(group_ids, rewards, strict=True)):
+            if r >= cfg.success_reward_threshold:
+                successes.setdefault(g, []).append(i)
+
+        contexts: list[TeacherContext | None] = []
+        dropped = truncated = 0
+        for i in range(n):
+            demo_index = self._select(i, successes.get(group_ids[i], []), completions)
+            demo = None if demo_index is None else self._demonstration(completions[demo_index])
+            fb = (
+                feedback[i]
+                if cfg.include_environment_feedback and feedback[i] and feedback[i].strip()
+                else None
+            )
+            if (
+                fb is not None
+                and demo is not None
+                and cfg.environment_feedback_only_without_solution
+            ):
+                fb = None
+            if demo is None and fb is None:
+                contexts.append(None)
+                continue
+            fitted = self._fit(prompts[i], demo, fb)
+            if fitted is None:
+                dropped += 1
+                contexts.append(None)
+                continue
+            prompt, was_truncated = fitted
+            truncated += was_truncated
+            contexts.append(TeacherContext(prompt, demo_index, fb is not None))
+
+        self.last_stats = reprompt_stats(contexts, rewards, group_ids, cfg.success_reward_threshold)
+        self.last_stats["dropped_too_long"] = float(dropped)
+        self.last_stats["truncated"] = float(truncated)
+        return contexts
+
+    # ----- demonstration ----------------------------------------------------------------------
+
+    def _select(self, i: int, group_successes: list[int], completions: Sequence[str]) -> int | None:
+        """Index of the demonstration for completion ``i`` among its group's successes, or None."""
+        candidates = [
+            j for j in group_successes if j != i or not self.config.dont_reprompt_on_self_success
+        ]
+        if not candidates:
+            return None
+        policy = self.config.demonstration_selection
+        if policy == "first":
+            return candidates[0]
+        if policy == "random":
+            return self.rng.choice(candidates)
+        if policy == "shortest":  # ties go to the first
+            return min(candidates, key=lambda j: len(self._demonstration(completions[j])))
+        raise ValueError(
+            f"Unknown demonstration_selection {policy!r}; choose first, random or shortest."
+        )
+
+    def _demonstration(self, completion: str) -> str:
+        return (
+            strip_thinking(completion)
+            if self.config.remove_thinking_from_demonstration
+            else completion
+        )
+
+    # ----- prompt assembly --------------------------------------------------------------------
+
+    def _render(self, prompt: Prompt, demo: str | None, fb: str | None) -> Prompt:
+        """The teacher prompt: the template around the question (for chat, the last user message)."""
+        cfg = self.config
+
+        def reprompt(question: str) -> str:
+            return cfg.reprompt_template.format(
+                prompt=question,
+                solution=""
+                if demo is None
+                else cfg.solution_template.format(successful_previous_attempt=demo),
+                feedback="" if fb is None else cfg.feedback_template.format(feedback_raw=fb),
+            )
+
+        if isinstance(prompt, str):
+            return reprompt(prompt)
+        messages = copy.deepcopy(list(prompt))
+        users = [k for k, m in enumerate(messages) if m.get("role") == "user"]
+        if not users:
+            raise ValueError(
+                f"A chat prompt needs a user message to reprompt; got roles {[m.get('role') for m in messages]}."
+            )
+        messages[users[-1]]["content"] = reprompt(messages[users[-1]]["content"])
+        return messages
+
+    def _length(self, prompt: Prompt) -> int:
+        """Token length of a teacher prompt as the teacher will see it."""
+        tok = self.tokenizer
+        if isinstance(prompt, list):
+            if getattr(tok, "chat_template", None):
+                ids = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+                if isinstance(ids, dict) or hasattr(ids, "keys"):
+                    ids = ids["input_ids"]
+                return len(ids)
+            prompt = "\n".join(str(m.get("content", "")) for m in prompt)
+        return len(tok(prompt)["input_ids"])
+
+    def _fit(self, prompt: Prompt, demo: str | None, fb: str | None) -> tuple[Prompt, bool] | None:
+        """The teacher prompt within ``max_reprompt_len`` and whether it was shortened; None if impossible.
+
+        Only the demonstration and the feedback are shortened (cut from their end, marked with
+        ``TRUNCATION_MARKER``), never the question or the instruction: a binary search finds the
+        largest character cap ``c`` such that cutting every piece longer than ``c`` to ``c`` fits.
+        """
+        full = self._render(prompt, demo, fb)
+        limit = self.config.max_reprompt_len
+        if self.tokenizer is None or self._length(full) <= limit:
+            return full, False
+
+        def capped(c: int) -> Prompt:
+            def cut(piece: str | None) -> str | None:
+                if piece is None or len(piece) <= c:
+                    return piece
+                return (
+                    (piece[:c].rstrip() + TRUNCATION_MARKER)
+                    if c > 0
+                    else TRUNCATION_MARKER.lstrip()
+                )
+
+            return self._render(prompt, cut(demo), cut(fb))
+
+        if self._length(capped(0)) > limit:
+            return None
+        lo, hi = (
+            0,
+            max(len(demo or ""), len(fb or "")),
+        )  # capped(lo) fits, capped(hi) is the full prompt
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self._length(capped(mid)) <= limit:
+                lo = mid
+            else:
+                hi = mid
+        return capped(lo), True
