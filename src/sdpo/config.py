@@ -52,6 +52,7 @@ class GenerationConfig:
     """Sampling of the G rollouts per prompt."""
 
     max_new_tokens: int = _f(64, "Maximum completion length in tokens.", min=1)
+    min_new_tokens: int = _f(0, "Suppress EOS before this many tokens (benchmarks use it to fix the length).", min=0)
     temperature: float = _f(1.0, "Sampling temperature T (log-probs are computed at the same T).", min_exclusive=0.0)
     top_p: float = _f(1.0, "Nucleus sampling mass; 1.0 disables it.", min_exclusive=0.0, max=1.0)
     top_k: int = _f(0, "Sample from the k most likely tokens; 0 disables it.", min=0)
@@ -111,6 +112,16 @@ class OptimizationConfig:
 
 
 @dataclass
+class DataConfig:
+    """Where prompts and rewards come from when the trainer is driven by a config (`sdpo train`)."""
+
+    task: str | None = _f(None, "Built-in task (arithmetic, reversal, code); None = use data.train_file.")
+    train_file: str | None = _f(None, "JSONL file of training rows (a 'prompt' plus any columns).")
+    eval_file: str | None = _f(None, "JSONL file of evaluation rows.")
+    reward: str | None = _f(None, "Reward for train_file rows: math, code, exact, or module:function (TRL-style callable).")
+
+
+@dataclass
 class RunConfig:
     """Bookkeeping: seeds, output, length, logging, checkpoints."""
 
@@ -134,6 +145,7 @@ SECTIONS: dict[str, type] = {
     "self_distillation": SelfDistillationConfig,
     "policy_gradient": PolicyGradientConfig,
     "optimization": OptimizationConfig,
+    "data": DataConfig,
     "run": RunConfig,
 }
 
@@ -144,12 +156,12 @@ class SDPOConfig:
 
     model_name: str = _f("demo", "Model path or hub id; 'demo' = the small model shipped with sdpo.")
     num_samples_per_prompt: int = _f(4, "Rollouts per prompt G (one group).", min=1)
-    task: str | None = _f(None, "Built-in task for `sdpo train` (e.g. arithmetic, reversal, code); None = from the data path.")
     model: ModelConfig = field(default_factory=ModelConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     self_distillation: SelfDistillationConfig = field(default_factory=SelfDistillationConfig)
     policy_gradient: PolicyGradientConfig = field(default_factory=PolicyGradientConfig)
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def __init__(self, **kwargs: Any) -> None:
@@ -267,7 +279,6 @@ class SDPOConfig:
         out: dict[str, Any] = {
             "model_name": self.model_name,
             "num_samples_per_prompt": self.num_samples_per_prompt,
-            "task": self.task,
         }
         for name in SECTIONS:
             out[name] = dataclasses.asdict(getattr(self, name))
@@ -382,6 +393,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optimization.weight_decay": 0.01,
         "optimization.max_grad_norm": 1.0,
         "optimization.prompts_per_step": 32,
+    },
+    # `sdpo train` with no arguments: the demo model on the arithmetic task, minutes on a CPU.
+    "quickstart": {
+        "model_name": "demo",
+        "num_samples_per_prompt": 8,
+        "data.task": "arithmetic",
+        "generation.max_new_tokens": 8,
+        "generation.temperature": 1.0,
+        "self_distillation.alpha": 0.5,
+        "self_distillation.teacher": "ema",
+        "self_distillation.teacher_update_rate": 0.05,
+        "policy_gradient.kl_penalty_weight": 0.0,
+        "optimization.learning_rate": 1e-4,
+        "optimization.prompts_per_step": 8,
+        "optimization.micro_batch_size": 64,
+        "run.max_steps": 150,
+        "run.save_steps": 50,
+        "run.eval_max_prompts": 500,
     },
     "grpo": {
         "self_distillation.distillation_weight": 0.0,

@@ -9,8 +9,11 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
+import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from sdpo.config import DEFAULT_REPROMPT_TEMPLATE, DEFAULT_SOLUTION_TEMPLATE
 
 DEMO_MODEL_DIR = Path(__file__).parent / "model"
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
@@ -25,7 +28,7 @@ def build_char_tokenizer(chars: list[str] | None = None) -> PreTrainedTokenizerF
     chars = CHARS if chars is None else chars
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + [c for c in chars if c not in SPECIAL_TOKENS])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character, newlines too
     core.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
@@ -61,3 +64,37 @@ def load_demo_model() -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     tokenizer = build_char_tokenizer()
     model = LlamaForCausalLM.from_pretrained(DEMO_MODEL_DIR, dtype="float32")
     return model, tokenizer
+
+
+def teacher_prompt(prompt: str, demonstration: str) -> str:
+    """``prompt`` in the default teacher template (SPEC §3) with ``demonstration`` as the solution."""
+    solution = DEFAULT_SOLUTION_TEMPLATE.format(successful_previous_attempt=demonstration)
+    return DEFAULT_REPROMPT_TEMPLATE.format(prompt=prompt, solution=solution, feedback="")
+
+
+@torch.no_grad()
+def generate_completions(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    prompts: list[str],
+    do_sample: bool = False,
+    max_new_tokens: int = 8,
+    batch_size: int = 256,
+) -> list[str]:
+    """One completion per prompt (greedy, or sampled at temperature 1), decoded without specials."""
+    completions: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
+        out = model.generate(
+            **batch,
+            do_sample=do_sample,
+            temperature=1.0 if do_sample else None,
+            top_p=None,
+            top_k=None,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        new_tokens = out[:, batch["input_ids"].shape[1] :]
+        completions += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    return completions

@@ -1,0 +1,242 @@
+"""PolicyModel: a Hugging Face causal LM in the roles SDPO needs — sampler, student, teacher.
+
+The model is read as ``backbone -> hidden states -> LM head``. Training passes run the backbone on
+``[prompt | completion]`` and keep only the hidden states that predict completion tokens; the LM
+head is applied to those alone, in chunks (see :mod:`sdpo.self_distillation`), so prompt and
+reprompt positions never cost a ``[positions, vocab]`` tensor.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from sdpo.config import GenerationConfig
+
+Prompt = str | list[dict[str, str]]
+
+
+@dataclass
+class RolloutBatch:
+    """G sampled completions for each of B prompts (N = B·G rows), on the model's device.
+
+    Shapes: ``prompt_ids``/``prompt_mask`` ``[N, P]`` (left-padded), ``completion_ids``/
+    ``completion_mask`` ``[N, L]`` (right-padded; the mask covers tokens up to and including EOS).
+    """
+
+    prompts: list[Prompt]
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    completion_ids: Tensor
+    completion_mask: Tensor
+    completions: list[str]
+    group_ids: Tensor
+    rows: list[dict[str, Any]]
+    rewards: Tensor | None = None
+    feedback: list[str | None] = field(default_factory=list)
+    reward_info: list[dict[str, Any]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+
+class PolicyModel:
+    """A causal LM and its tokenizer: ``PolicyModel("gpt2")``, ``PolicyModel("path/to/dir",
+    device="cuda")``, ``PolicyModel("demo")`` (the model shipped with sdpo) or
+    ``PolicyModel(model=hf_model, tokenizer=hf_tokenizer)``.
+
+    Loads offline-safe: a path that does not exist, or a hub id without a local copy while
+    ``HF_HUB_OFFLINE=1``, fails at once with a message saying so.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        *,
+        model: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        if model is None:
+            if model_name_or_path is None:
+                raise ValueError("PolicyModel needs a model name/path or an already-built `model=`.")
+            model, loaded_tok = _load(model_name_or_path, trust_remote_code)
+            tokenizer = tokenizer or loaded_tok
+        if tokenizer is None:
+            raise ValueError("PolicyModel(model=...) also needs tokenizer=...")
+        self.name = model_name_or_path or getattr(model.config, "_name_or_path", "") or "model"
+        self.device = torch.device(device) if device is not None else _default_device()
+        model.to(device=self.device, dtype=_resolve_dtype(dtype, self.device))
+        self.model = model
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        head = model.get_output_embeddings()
+        if not isinstance(head, torch.nn.Linear):
+            raise ValueError(f"{type(model).__name__}'s LM head is {type(head).__name__}; sdpo needs a linear head.")
+        for attr in ("final_logit_softcapping", "logit_scale"):
+            if getattr(model.config, attr, None) not in (None, 1.0):
+                raise ValueError(f"{type(model).__name__} uses {attr}, which sdpo's chunked LM head does not apply yet.")
+
+    # ----- parts ------------------------------------------------------------------------------
+
+    @property
+    def lm_head(self) -> torch.nn.Linear:
+        """The output projection ``[V, H]`` (weight) applied to hidden states."""
+        return self.model.get_output_embeddings()
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt: chat messages through the chat template (with the generation
+        prompt), plain strings through the tokenizer."""
+        if isinstance(prompt, list):
+            if getattr(self.tokenizer, "chat_template", None) is None:
+                raise ValueError("A chat prompt (list of messages) needs a tokenizer with a chat_template.")
+            ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        return self.tokenizer(prompt)["input_ids"]
+
+    def pad_left(self, sequences: list[list[int]]) -> tuple[Tensor, Tensor]:
+        """Left-pad token lists to ``[n, max_len]`` ids and mask."""
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for i, seq in enumerate(sequences):
+            if seq:
+                ids[i, width - len(seq) :] = torch.tensor(seq)
+                mask[i, width - len(seq) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    # ----- sampling ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        num_samples: int,
+        generation: GenerationConfig,
+        *,
+        greedy: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Sample ``num_samples`` completions per prompt (rows grouped: prompt i -> rows i·G..i·G+G-1).
+
+        Returns ``prompt_ids [N, P]``, ``prompt_mask [N, P]``, ``completion_ids [N, L]``,
+        ``completion_mask [N, L]`` with N = len(prompt_ids)·num_samples; the mask keeps the first EOS.
+        """
+        repeated = [ids for ids in prompt_ids for _ in range(num_samples)]
+        ids, mask = self.pad_left(repeated)
+        was_training = self.model.training
+        self.model.eval()
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=generation.max_new_tokens,
+            min_new_tokens=generation.min_new_tokens or None,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.eos_token_id,
+        )
+        if greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(
+                do_sample=True,
+                temperature=generation.temperature,
+                top_p=generation.top_p,
+                top_k=generation.top_k or None,
+            )
+        try:
+            out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        except RuntimeError as exc:
+            if "inf" in str(exc) and "nan" in str(exc):
+                raise RuntimeError(f"The model produced non-finite probabilities while sampling ({exc}); its weights are likely corrupted (NaN/inf). Lower the learning rate or resume from an earlier checkpoint.") from exc
+            raise
+        finally:
+            self.model.train(was_training)
+        completion_ids = out[:, ids.shape[1] :]
+        completion_mask = completion_tokens_mask(completion_ids, self.eos_token_id)
+        completion_ids = completion_ids.masked_fill(completion_mask == 0, self.tokenizer.pad_token_id)
+        return ids, mask, completion_ids, completion_mask
+
+    def decode(self, completion_ids: Tensor, completion_mask: Tensor) -> list[str]:
+        """Completion texts without padding and special tokens."""
+        return [
+            self.tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
+            for row, m in zip(completion_ids, completion_mask, strict=True)
+        ]
+
+    # ----- training passes --------------------------------------------------------------------
+
+    def completion_hidden(
+        self,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        completion_ids: Tensor,
+        completion_mask: Tensor,
+        model: PreTrainedModel | None = None,
+    ) -> Tensor:
+        """Hidden states that predict each completion token: ``[n, L, H]``.
+
+        Runs the backbone of ``model`` (default: the policy) on ``[prompt | completion]`` with
+        position ids from the attention mask (so left padding does not shift positions, matching
+        ``generate``); position ``P-1+j`` predicts completion token ``j``.
+        """
+        model = self.model if model is None else model
+        ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+        p, length = prompt_ids.shape[1], completion_ids.shape[1]
+        return out.last_hidden_state[:, p - 1 : p - 1 + length]
+
+
+def completion_tokens_mask(completion_ids: Tensor, eos_token_id: int) -> Tensor:
+    """``[N, L]`` mask of tokens up to and including the first EOS (all tokens if none)."""
+    is_eos = completion_ids == eos_token_id
+    after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0
+    return (~after_eos).long()
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        # bf16 on this kind of CPU measured 8-9x slower than float32.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def _load(name: str, trust_remote_code: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if name == "demo":
+        from sdpo.demo import load_demo_model
+
+        return load_demo_model()
+    path = Path(name)
+    # A hub id is "name" or "org/name"; anything else is a local path.
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local and not path.exists():
+        raise FileNotFoundError(f"Model path {name!r} does not exist.")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, local_files_only=offline or path.exists())
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, local_files_only=offline or path.exists())
+    except OSError as exc:
+        where = "this directory" if path.exists() else "the local Hugging Face cache (HF_HUB_OFFLINE=1 is set)" if offline else "the hub or the local cache"
+        raise FileNotFoundError(
+            f"Could not load model {name!r} from {where}: {exc}. Pass a local directory with config.json, "
+            "weights and tokenizer files, or model_name='demo' for the model shipped with sdpo."
+        ) from None
+    return model, tokenizer

@@ -1,0 +1,568 @@
+"""SDPOTrainer: the training loop of SPEC §2, one named call per sub-step.
+
+    step():  rows     = next batch of B prompts
+             rollouts = generate(rows)             G completions per prompt
+             score(rollouts)                       rewards + per-rollout feedback
+             contexts = reprompt(rollouts)         teacher prompts x' (None: not distilled)
+             update(rollouts, contexts)            forward -> loss -> backward -> optimizer -> teacher
+
+Loss = pg_loss_weight·L_pg + distillation_weight·L_distill + kl_penalty_weight·L_kl, every term
+normalized by whole-step counts, so the gradient does not depend on the micro-batch size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor
+
+from sdpo import checkpoint as ckpt
+from sdpo.config import SDPOConfig
+from sdpo.data import PromptSource, load_rows
+from sdpo.policy_gradient import aggregate_loss, clip_fraction, clipped_surrogate, grpo_advantages, k3_kl
+from sdpo.policy_model import PolicyModel, RolloutBatch
+from sdpo.reprompting import Reprompter, TeacherContext
+from sdpo.reward_model import as_reward_model
+from sdpo.self_distillation import importance_weights, policy_terms, self_distillation_loss
+from sdpo.teacher import Teacher, frozen_copy
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after too many steps in a row with a non-finite loss."""
+
+
+class SDPOTrainer:
+    """Trains ``policy_model`` with SDPO.
+
+    Args:
+        config: the run's :class:`~sdpo.config.SDPOConfig`.
+        policy_model: the :class:`~sdpo.policy_model.PolicyModel` to train (in place).
+        reward_model: a :class:`~sdpo.reward_model.RewardModel`, a TRL-style callable
+            ``fn(prompts, completions, **columns)``, or a list of them.
+        train_dataloader: list of dicts, ``datasets.Dataset``, JSONL path or torch ``DataLoader``;
+            rows have a ``prompt`` and any other columns (they reach the reward model).
+        eval_dataloader: the same kinds, for evaluation (greedy and sampled accuracy).
+        callbacks: objects with any of ``on_step_end(trainer, metrics)``,
+            ``on_evaluate(trainer, metrics)``, ``on_train_end(trainer)``.
+    """
+
+    def __init__(
+        self,
+        config: SDPOConfig,
+        policy_model: PolicyModel,
+        reward_model: Any,
+        train_dataloader: Any,
+        eval_dataloader: Any = None,
+        callbacks: list[Any] | None = None,
+    ) -> None:
+        self.config = config.validate()
+        self.policy = policy_model
+        self.reward_model = as_reward_model(reward_model)
+        run = config.run
+        random.seed(run.seed)
+        torch.manual_seed(run.seed)
+        self.train_data = PromptSource(train_dataloader, config.optimization.prompts_per_step, run.seed)
+        self.eval_rows = load_rows(eval_dataloader) if eval_dataloader is not None else None
+        if self.eval_rows is not None and run.eval_max_prompts:
+            self.eval_rows = self.eval_rows[: run.eval_max_prompts]
+        self.callbacks = list(callbacks or [])
+        self.accelerator = Accelerator(cpu=policy_model.device.type == "cpu")
+
+        sd, pg = config.self_distillation, config.policy_gradient
+        needs_reference = pg.kl_penalty_weight > 0 or (sd.distillation_weight > 0 and sd.teacher in ("frozen", "trust_region"))
+        self.reference = frozen_copy(policy_model.model) if needs_reference else None
+        self.teacher = Teacher(sd.teacher, policy_model, sd.teacher_update_rate, self.reference)
+        self.reprompter = Reprompter(sd, tokenizer=policy_model.tokenizer, seed=run.seed)
+        self.optimizer, self.scheduler = self._build_optimizer()
+
+        self.run_dir = Path(run.output_dir)
+        self.global_step = 0
+        self.counters = {"skipped_long_prompts": 0, "skipped_nonfinite_steps": 0}
+        self._nonfinite_in_row = 0
+        self._stop_requested = False
+        self._t_start = time.time()
+        if run.resume_from:
+            self.load_checkpoint(run.resume_from)
+
+    # ----- the step ---------------------------------------------------------------------------
+
+    def step(self) -> dict[str, float]:
+        """One SDPO step (SPEC §2); returns its metrics."""
+        t0 = time.perf_counter()
+        rows = self.train_data.next_batch()
+        rollouts = self.generate(rows)
+        if rollouts is None:
+            self.global_step += 1
+            return {"skipped_long_prompts": self.counters["skipped_long_prompts"]}
+        t_gen = time.perf_counter()
+        self.score(rollouts)
+        contexts = self.reprompt(rollouts)
+        metrics = self.update(rollouts, contexts)
+        self.global_step += 1
+        metrics.update(self._rollout_metrics(rollouts))
+        metrics.update({f"self_distillation/{k}": v for k, v in self.reprompter.last_stats.items()})
+        metrics["step_time"] = time.perf_counter() - t0
+        metrics["generation_time"] = t_gen - t0
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        metrics.update(self.counters)
+        self._last_rollouts, self._last_contexts = rollouts, contexts
+        return metrics
+
+    def generate(self, rows: list[dict[str, Any]], num_samples: int | None = None, greedy: bool = False) -> RolloutBatch | None:
+        """Sample G completions per prompt; prompts over ``max_prompt_length`` are skipped and counted."""
+        g = num_samples or self.config.num_samples_per_prompt
+        encoded, kept = [], []
+        for row in rows:
+            ids = self.policy.encode_prompt(row["prompt"])
+            if len(ids) > self.config.model.max_prompt_length:
+                self.counters["skipped_long_prompts"] += 1
+                continue
+            encoded.append(ids)
+            kept.append(row)
+        if not kept:
+            warnings.warn("Every prompt of this batch is longer than model.max_prompt_length; step skipped.", stacklevel=2)
+            return None
+        prompt_ids, prompt_mask, completion_ids, completion_mask = self.policy.generate(
+            encoded, g, self.config.generation, greedy=greedy
+        )
+        expanded = [row for row in kept for _ in range(g)]
+        return RolloutBatch(
+            prompts=[row["prompt"] for row in expanded],
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            completion_ids=completion_ids,
+            completion_mask=completion_mask,
+            completions=self.policy.decode(completion_ids, completion_mask),
+            group_ids=torch.arange(len(kept)).repeat_interleave(g),
+            rows=expanded,
+        )
+
+    def score(self, rollouts: RolloutBatch) -> None:
+        """Rewards and per-rollout feedback from the reward model (columns = the rows' other fields)."""
+        columns = {k: [row.get(k) for row in rollouts.rows] for k in rollouts.rows[0] if k != "prompt"}
+        outputs = self.reward_model(rollouts.prompts, rollouts.completions, **columns)
+        if len(outputs) != len(rollouts):
+            raise ValueError(f"Reward model {self.reward_model.name!r} returned {len(outputs)} results for {len(rollouts)} completions.")
+        rollouts.rewards = torch.tensor([float(o.score) for o in outputs], dtype=torch.float32)
+        rollouts.feedback = [o.feedback for o in outputs]
+        rollouts.reward_info = [o.info for o in outputs]
+
+    def reprompt(self, rollouts: RolloutBatch) -> list[TeacherContext | None]:
+        """Teacher contexts (SPEC §3): a successful sibling and/or this rollout's feedback."""
+        if self.config.self_distillation.distillation_weight == 0:
+            self.reprompter.last_stats = {}
+            return [None] * len(rollouts)
+        return self.reprompter.build(
+            rollouts.prompts, rollouts.completions, rollouts.rewards.tolist(), rollouts.group_ids.tolist(), feedback=rollouts.feedback
+        )
+
+    def update(self, rollouts: RolloutBatch, contexts: list[TeacherContext | None]) -> dict[str, float]:
+        """Forward -> loss -> backward over micro-batches, then optimizer and teacher updates."""
+        prepared = self.prepare(rollouts, contexts)
+        metrics: dict[str, float] = {}
+        for _ in range(self.config.optimization.updates_per_batch):
+            self.optimizer.zero_grad(set_to_none=True)
+            sums = self.accumulate_gradients(rollouts, prepared)
+            if sums is None:
+                self._skip_nonfinite_step()
+                return {"loss": float("nan")}
+            self._nonfinite_in_row = 0
+            grad_norm = self._clip_gradients()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.teacher.update()
+            metrics = self._loss_metrics(sums, prepared["counts"])
+            metrics["grad_norm"] = grad_norm
+        return metrics
+
+    def prepare(self, rollouts: RolloutBatch, contexts: list[TeacherContext | None]) -> dict[str, Any]:
+        """Whole-step quantities: advantages, teacher prompt ids, normalizing counts, old log-probs."""
+        device = self.policy.device
+        pg = self.config.policy_gradient
+        advantages = grpo_advantages(rollouts.rewards, rollouts.group_ids, scale_rewards=pg.scale_rewards).to(device)
+        has_teacher = torch.tensor([c is not None for c in contexts], device=device)
+        mask = rollouts.completion_mask
+        counts = {
+            "num_tokens": float(mask.sum()),
+            "num_sequences": float(len(rollouts)),
+            "num_distilled": float(mask[has_teacher].sum()),
+            "max_completion_length": mask.shape[1],
+        }
+        reuse = self.config.optimization.updates_per_batch > 1
+        return {
+            "advantages": advantages,
+            "teacher_prompts": self._teacher_prompt_ids(contexts),
+            "counts": counts,
+            "old_logprobs": self._old_logprobs(rollouts) if reuse else None,
+        }
+
+    def accumulate_gradients(self, rollouts: RolloutBatch, prepared: dict[str, Any]) -> dict[str, float] | None:
+        """Backward of the step's loss, micro-batch by micro-batch; None if the loss was non-finite."""
+        sums: dict[str, float] = {}
+        for idx in torch.arange(len(rollouts)).split(self.config.optimization.micro_batch_size):
+            loss, parts = self._micro_batch_loss(
+                rollouts, idx, prepared["advantages"], prepared["teacher_prompts"], prepared["old_logprobs"], prepared["counts"]
+            )
+            if not torch.isfinite(loss):
+                return None
+            self.accelerator.backward(loss)
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+        return sums
+
+    # ----- loss pieces ------------------------------------------------------------------------
+
+    def _micro_batch_loss(
+        self,
+        rollouts: RolloutBatch,
+        idx: Tensor,
+        advantages: Tensor,
+        teacher_prompts: dict[int, list[int]],
+        old_logprobs: Tensor | None,
+        counts: dict[str, float],
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Loss of rows ``idx`` scaled by whole-step counts; also sums for the step's metrics."""
+        cfg, sd, pg = self.config, self.config.self_distillation, self.config.policy_gradient
+        c_ids, c_mask = rollouts.completion_ids[idx], rollouts.completion_mask[idx]
+        mask = c_mask.bool()
+        hidden = self.policy.completion_hidden(rollouts.prompt_ids[idx], rollouts.prompt_mask[idx], c_ids, c_mask)
+        head = self.policy.lm_head
+
+        distilled_rows = [j for j, i in enumerate(idx.tolist()) if i in teacher_prompts]
+        teacher_hidden = teacher_weight = teacher_bias = None
+        distill_mask = torch.zeros_like(mask)
+        if distilled_rows and sd.distillation_weight > 0:
+            sub = torch.tensor(distilled_rows, device=mask.device)
+            t_ids, t_mask = self.policy.pad_left([teacher_prompts[int(idx[j])] for j in distilled_rows])
+            t_hidden, teacher_weight, teacher_bias = self.teacher.hidden(t_ids, t_mask, c_ids[sub], c_mask[sub])
+            teacher_hidden = torch.zeros(*mask.shape, t_hidden.shape[-1], dtype=t_hidden.dtype, device=t_hidden.device)
+            teacher_hidden[sub] = t_hidden
+            distill_mask[sub] = mask[sub]
+        terms = policy_terms(
+            hidden[mask],
+            head.weight,
+            c_ids[mask],
+            lm_head_bias=head.bias,
+            teacher_hidden=None if teacher_hidden is None else teacher_hidden[mask],
+            teacher_weight=teacher_weight,
+            teacher_bias=teacher_bias,
+            distill_mask=distill_mask[mask],
+            alpha=sd.alpha,
+            topk=sd.distillation_topk,
+            add_tail=sd.distillation_add_tail,
+            level=sd.distillation_level,
+            temperature=cfg.generation.temperature,
+            chunk_size=sd.loss_chunk_size,
+        )
+        logprobs = _unflatten(terms["logprobs"], mask)
+        old = logprobs.detach() if old_logprobs is None else old_logprobs[idx]
+        loss = logprobs.new_zeros(())
+        parts: dict[str, float] = {"entropy_sum": float(terms["entropy"].sum())}
+        agg = dict(num_tokens=counts["num_tokens"], num_sequences=counts["num_sequences"], max_completion_length=counts["max_completion_length"])
+
+        if pg.pg_loss_weight > 0:
+            per_token, clipped = clipped_surrogate(logprobs, old, advantages[idx], eps_low=pg.clip_eps_low, eps_high=pg.clip_eps_high)
+            pg_loss = aggregate_loss(per_token, c_mask, pg.loss_aggregation, **agg)
+            loss = loss + pg.pg_loss_weight * pg_loss
+            parts["policy_loss"] = float(pg_loss.detach())
+            parts["clipped_tokens"] = clip_fraction(clipped, c_mask) * float(c_mask.sum())
+
+        if pg.kl_penalty_weight > 0:
+            with torch.no_grad():
+                ref_hidden = self.policy.completion_hidden(rollouts.prompt_ids[idx], rollouts.prompt_mask[idx], c_ids, c_mask, model=self.reference)
+                ref_head = self.reference.get_output_embeddings()
+                ref_terms = policy_terms(ref_hidden[mask], ref_head.weight, c_ids[mask], lm_head_bias=ref_head.bias,
+                                         temperature=cfg.generation.temperature, chunk_size=sd.loss_chunk_size)
+            kl = aggregate_loss(k3_kl(logprobs, _unflatten(ref_terms["logprobs"], mask)), c_mask, pg.loss_aggregation, **agg)
+            loss = loss + pg.kl_penalty_weight * kl
+            parts["kl"] = float(kl.detach())
+
+        if teacher_hidden is not None:
+            dmask = distill_mask[mask]
+            is_w = None
+            if old_logprobs is not None:
+                is_w = importance_weights(terms["logprobs"], old[mask], sd.is_clip)
+            d_loss, d_metrics = self_distillation_loss(
+                terms["divergence"].unsqueeze(0), dmask.unsqueeze(0), is_weights=None if is_w is None else is_w.unsqueeze(0), normalizer=max(counts["num_distilled"], 1.0)
+            )
+            loss = loss + sd.distillation_weight * d_loss
+            n_d = float(dmask.sum())
+            parts["distillation_loss"] = float(d_loss.detach())
+            parts["divergence_sum"] = d_metrics["divergence_mean"] * n_d
+            parts["is_ratio_sum"] = d_metrics["is_ratio_mean"] * n_d
+            parts["teacher_student_kl_sum"] = float((terms["logprobs"].detach() - terms["teacher_logprobs"])[dmask].sum())
+        return loss, parts
+
+    def _loss_metrics(self, sums: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
+        n_tok, n_d = max(counts["num_tokens"], 1.0), max(counts["num_distilled"], 1.0)
+        pg_w = self.config.policy_gradient
+        m = {"entropy": sums.get("entropy_sum", 0.0) / n_tok}
+        total = 0.0
+        if "policy_loss" in sums:
+            m["policy_loss"] = sums["policy_loss"]
+            m["clip_ratio"] = sums["clipped_tokens"] / n_tok
+            total += pg_w.pg_loss_weight * sums["policy_loss"]
+        if "kl" in sums:
+            m["kl"] = sums["kl"]
+            total += pg_w.kl_penalty_weight * sums["kl"]
+        d = sums.get("distillation_loss", 0.0)
+        m["self_distillation/distillation_loss"] = d
+        m["self_distillation/divergence_mean"] = sums.get("divergence_sum", 0.0) / n_d
+        m["self_distillation/teacher_student_kl"] = sums.get("teacher_student_kl_sum", 0.0) / n_d
+        m["self_distillation/is_ratio_mean"] = sums.get("is_ratio_sum", n_d) / n_d
+        m["self_distillation/distilled_token_fraction"] = counts["num_distilled"] / n_tok
+        m["loss"] = total + self.config.self_distillation.distillation_weight * d
+        return m
+
+    @torch.no_grad()
+    def _old_logprobs(self, rollouts: RolloutBatch) -> Tensor:
+        """Log-probs of the sampled tokens under the weights that generated them (for reuse)."""
+        out = torch.zeros_like(rollouts.completion_mask, dtype=torch.float32)
+        head = self.policy.lm_head
+        for idx in torch.arange(len(rollouts)).split(self.config.optimization.micro_batch_size):
+            c_ids, c_mask = rollouts.completion_ids[idx], rollouts.completion_mask[idx]
+            mask = c_mask.bool()
+            h = self.policy.completion_hidden(rollouts.prompt_ids[idx], rollouts.prompt_mask[idx], c_ids, c_mask)
+            lp = policy_terms(h[mask], head.weight, c_ids[mask], lm_head_bias=head.bias, temperature=self.config.generation.temperature,
+                              chunk_size=self.config.self_distillation.loss_chunk_size)["logprobs"]
+            out[idx] = _unflatten(lp, mask).float()
+        return out
+
+    def _teacher_prompt_ids(self, contexts: list[TeacherContext | None]) -> dict[int, list[int]]:
+        return {i: self.policy.encode_prompt(c.prompt) for i, c in enumerate(contexts) if c is not None}
+
+    def _clip_gradients(self) -> float:
+        max_norm = self.config.optimization.max_grad_norm
+        params = [p for p in self.policy.model.parameters() if p.grad is not None]
+        if max_norm is None:
+            return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+        return float(self.accelerator.clip_grad_norm_(params, max_norm))
+
+    def _skip_nonfinite_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self._nonfinite_in_row += 1
+        self.counters["skipped_nonfinite_steps"] += 1
+        limit = self.config.run.max_consecutive_nonfinite
+        warnings.warn(f"Step {self.global_step + 1}: non-finite loss; step skipped ({self._nonfinite_in_row} in a row).", stacklevel=3)
+        if self._nonfinite_in_row >= limit:
+            raise NonFiniteLossError(
+                f"{limit} steps in a row had a non-finite loss; stopping. Lower optimization.learning_rate, "
+                "check the reward model for NaN/inf, or raise run.max_consecutive_nonfinite."
+            )
+
+    def _rollout_metrics(self, rollouts: RolloutBatch) -> dict[str, float]:
+        r = rollouts.rewards
+        groups = r.view(-1, self.config.num_samples_per_prompt)
+        lengths = rollouts.completion_mask.sum(-1).float()
+        return {
+            "reward": float(r.mean()),
+            "reward_std": float(r.std()) if len(r) > 1 else 0.0,
+            "frac_reward_zero_std": float((groups.std(-1) == 0).float().mean()) if groups.shape[1] > 1 else 1.0,
+            "completions/mean_length": float(lengths.mean()),
+            "completions/clipped_fraction": float((~(rollouts.completion_ids == self.policy.eos_token_id).any(-1)).float().mean()),
+            "accuracy": float((r >= self.config.self_distillation.success_reward_threshold).float().mean()),
+        }
+
+    def _build_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        opt = self.config.optimization
+        optimizer = torch.optim.AdamW(
+            [p for p in self.policy.model.parameters() if p.requires_grad],
+            lr=opt.learning_rate, betas=(opt.adam_beta1, opt.adam_beta2), weight_decay=opt.weight_decay,
+        )
+        total = self.config.run.max_steps * opt.updates_per_batch
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(opt.lr_scheduler, opt.warmup_steps, total))
+        return optimizer, scheduler
+
+    # ----- evaluation -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean reward and accuracy (reward >= success threshold) on the eval set, greedy and sampled.
+
+        Runs on its own random stream, so evaluating does not change what training samples next.
+        """
+        if not self.eval_rows:
+            return {}
+        metrics: dict[str, float] = {}
+        bs = max(self.config.optimization.prompts_per_step * self.config.num_samples_per_prompt, 1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.run.seed + 7919)
+            for mode in ("greedy", "sampled"):
+                rewards = []
+                for start in range(0, len(self.eval_rows), bs):
+                    rollouts = self.generate(self.eval_rows[start : start + bs], num_samples=1, greedy=mode == "greedy")
+                    if rollouts is None:
+                        continue
+                    self.score(rollouts)
+                    rewards.append(rollouts.rewards)
+                r = torch.cat(rewards) if rewards else torch.zeros(0)
+                metrics[f"eval/reward_{mode}"] = float(r.mean()) if len(r) else float("nan")
+                metrics[f"eval/accuracy_{mode}"] = float((r >= self.config.self_distillation.success_reward_threshold).float().mean()) if len(r) else float("nan")
+        self._write_jsonl("metrics.jsonl", {"step": self.global_step, **metrics})
+        for cb in self.callbacks:
+            if hasattr(cb, "on_evaluate"):
+                cb.on_evaluate(self, metrics)
+        return metrics
+
+    # ----- the loop ---------------------------------------------------------------------------
+
+    def train(self) -> dict[str, float]:
+        """Run until ``run.max_steps``; evaluate, log, checkpoint; Ctrl-C stops after the current step.
+
+        Returns the last evaluation's metrics (empty without an eval set).
+        """
+        run = self.config.run
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config.to_yaml(self.run_dir / "config.yaml")
+        self.last_eval = self.evaluate() if self.global_step == 0 else {}
+        self.first_eval = dict(self.last_eval)
+        bar = _progress(run, self.global_step)
+        previous = signal.signal(signal.SIGINT, self._request_stop) if _main_thread() else None
+        try:
+            while self.global_step < run.max_steps and not self._stop_requested:
+                metrics = self.step()
+                step = self.global_step
+                if step % run.logging_steps == 0:
+                    self._write_jsonl("metrics.jsonl", {"step": step, **metrics})
+                if step % run.sample_log_steps == 0 and hasattr(self, "_last_rollouts"):
+                    self._write_samples(self._last_rollouts, self._last_contexts)
+                if run.eval_steps and step % run.eval_steps == 0 and step < run.max_steps:
+                    self.last_eval = self.evaluate()
+                if step % run.save_steps == 0 or step == run.max_steps:
+                    self.save_checkpoint()
+                for cb in self.callbacks:
+                    if hasattr(cb, "on_step_end"):
+                        cb.on_step_end(self, metrics)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{metrics.get('reward', float('nan')):.3f}", distill=f"{metrics.get('self_distillation/distillation_loss', 0.0):.4f}")
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+            if bar is not None:
+                bar.close()
+        if self._stop_requested:
+            path = self.save_checkpoint()
+            print(f"\nStopped at step {self.global_step}; checkpoint {path}.\nResume with: sdpo train --resume {self.run_dir}", file=sys.stderr)
+            return self.last_eval
+        self.last_eval = self.evaluate()
+        for cb in self.callbacks:
+            if hasattr(cb, "on_train_end"):
+                cb.on_train_end(self)
+        return self.last_eval
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        if self._stop_requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        print("\nCtrl-C: finishing the current step, then saving a checkpoint (Ctrl-C again to abort).", file=sys.stderr)
+
+    # ----- logging & checkpoints --------------------------------------------------------------
+
+    def _write_jsonl(self, name: str, record: dict[str, Any]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / name, "a") as fh:
+            fh.write(json.dumps(record, default=_json_default) + "\n")
+
+    def _write_samples(self, rollouts: RolloutBatch, contexts: list[TeacherContext | None]) -> None:
+        for i in range(len(rollouts)):
+            ctx = contexts[i]
+            self._write_jsonl("samples.jsonl", {
+                "step": self.global_step,
+                "group": int(rollouts.group_ids[i]),
+                "prompt": rollouts.prompts[i],
+                "completion": rollouts.completions[i],
+                "reward": float(rollouts.rewards[i]),
+                "feedback": rollouts.feedback[i],
+                "teacher_prompt": None if ctx is None else ctx.prompt,
+                "demonstration_index": None if ctx is None else ctx.demonstration_index,
+            })
+
+    def _checkpoint_modules(self) -> dict[str, torch.nn.Module]:
+        modules = {}
+        if self.teacher.copy is not None:
+            modules["teacher"] = self.teacher.copy
+        if self.reference is not None:
+            modules["reference"] = self.reference
+        return modules
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoint-{step}`` atomically under the run directory."""
+        state = {"global_step": self.global_step, "data": self.train_data.state_dict(), "counters": self.counters,
+                 "nonfinite_in_row": self._nonfinite_in_row, "teacher": self.teacher.kind}
+        objects = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_state()}
+        if hasattr(self.reprompter, "rng"):
+            objects["reprompter_rng"] = self.reprompter.rng.getstate()
+        return ckpt.save_checkpoint(self.run_dir, self.global_step, policy=self.policy, modules=self._checkpoint_modules(),
+                                    objects=objects, trainer_state=state, config=self.config, keep=self.config.run.save_total_limit)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore everything a step depends on from a checkpoint (or a run directory's newest)."""
+        path = ckpt.resolve_checkpoint(path)
+        state, objects = ckpt.load_checkpoint(path, policy=self.policy, modules=self._checkpoint_modules())
+        if state.get("teacher", self.teacher.kind) != self.teacher.kind:
+            raise ValueError(f"Checkpoint {path} was written with teacher {state['teacher']!r}, this run uses {self.teacher.kind!r}.")
+        self.optimizer.load_state_dict(objects["optimizer"])
+        self.scheduler.load_state_dict(objects["scheduler"])
+        ckpt.set_rng_state(objects["rng"])
+        if "reprompter_rng" in objects and hasattr(self.reprompter, "rng"):
+            self.reprompter.rng.setstate(objects["reprompter_rng"])
+        self.train_data.load_state_dict(state["data"])
+        self.global_step = int(state["global_step"])
+        self.counters.update(state.get("counters", {}))
+        self._nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
+
+
+def lr_schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at update ``t``: linear warm-up, then constant/linear/cosine."""
+
+    def factor(t: int) -> float:
+        if warmup and t < warmup:
+            return (t + 1) / warmup
+        progress = min(max(t - warmup, 0) / max(total - warmup, 1), 1.0)
+        if kind == "linear":
+            return 1.0 - progress
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
+
+
+def _unflatten(values: Tensor, mask: Tensor) -> Tensor:
+    """Scatter per-token values ``[n]`` back to ``[B, L]`` at ``mask`` (zeros elsewhere)."""
+    out = values.new_zeros(mask.shape)
+    return out.masked_scatter(mask, values)
+
+
+def _progress(run: Any, start: int) -> Any:
+    if not run.progress_bar:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=run.max_steps, initial=start, desc="sdpo", dynamic_ncols=True)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.tolist()
+    return str(obj)
