@@ -1,0 +1,45 @@
+"""The `sdpo` command line: help generated from the config, overrides, errors, resume."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from sdpo.cli import build_parser, load_config, main
+from sdpo.config import SDPOConfig
+
+
+def test_help_lists_every_config_key_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for key in SDPOConfig.keys():
+        assert key in out, key
+    assert "self_distillation.alpha = 0.5" in out
+    assert "--resume" in out and "--preset" in out
+
+
+def test_load_config_quickstart_preset_and_overrides(tmp_path):
+    args = build_parser().parse_args(["train", "alpha=1.0", f"run.output_dir={tmp_path}"])
+    config = load_config(args)
+    assert config.data.task == "arithmetic" and config.model_name == "demo"
+    assert config.self_distillation.alpha == 1.0 and config.run.output_dir == str(tmp_path)
+    args = build_parser().parse_args(["train", "--preset", "paper", "task=arithmetic"])
+    assert load_config(args).policy_gradient.pg_loss_weight == 0.0
+
+
+def test_bad_override_exits_with_a_clear_message(capsys):
+    assert main(["train", "alpah=1.0"]) == 2
+    assert "Did you mean: alpha" in capsys.readouterr().err
+
+
+def test_resume_needs_a_run_directory(tmp_path):
+    with pytest.raises(SystemExit, match="no config.yaml"):
+        load_config(build_parser().parse_args(["train", "--resume", str(tmp_path)]))
+
+
+def test_cli_entry_point_runs_as_a_subprocess():
+    out = subprocess.run([sys.executable, "-m", "sdpo.cli", "train", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "quickstart" in out.stdout

@@ -1,0 +1,65 @@
+"""PolicyModel: sampling layout, masks, and completion-only hidden states that match a full forward."""
+
+from __future__ import annotations
+
+import torch
+
+from sdpo.config import GenerationConfig
+from sdpo.policy_model import PolicyModel, completion_tokens_mask
+from sdpo.self_distillation import chunked_token_logprobs
+
+
+def test_completion_mask_keeps_first_eos_only():
+    ids = torch.tensor([[5, 1, 7, 1], [5, 6, 7, 8], [1, 3, 3, 3]])
+    assert completion_tokens_mask(ids, eos_token_id=1).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+def test_generate_groups_and_left_padding(tiny_llama):
+    model, tok = tiny_llama
+    policy = PolicyModel(model=model, tokenizer=tok)
+    prompts = [policy.encode_prompt("Q: 1+2="), policy.encode_prompt("Q: 10+20=")]
+    torch.manual_seed(0)
+    p_ids, p_mask, c_ids, c_mask = policy.generate(prompts, 3, GenerationConfig(max_new_tokens=5))
+    assert p_ids.shape[0] == c_ids.shape[0] == 6
+    assert p_mask[:3, 0].tolist() == [0, 0, 0] and p_mask[3:].all()  # the shorter prompt is left-padded
+    assert (p_ids[0][p_mask[0].bool()] == torch.tensor(prompts[0])).all()
+    assert c_ids.shape[1] <= 5 and (c_ids[c_mask == 0] == tok.pad_token_id).all()
+
+
+def test_min_new_tokens_fixes_the_length(tiny_llama):
+    model, tok = tiny_llama
+    policy = PolicyModel(model=model, tokenizer=tok)
+    _, _, c_ids, c_mask = policy.generate([policy.encode_prompt("ab")], 4, GenerationConfig(max_new_tokens=7, min_new_tokens=7))
+    assert c_mask.sum(-1).tolist() == [7, 7, 7, 7]
+
+
+def test_completion_hidden_matches_full_forward_logprobs(tiny_llama):
+    """Hidden state P-1+j predicts completion token j, with left padding, as in a plain forward."""
+    model, tok = tiny_llama
+    policy = PolicyModel(model=model, tokenizer=tok)
+    torch.manual_seed(1)
+    p_ids, p_mask, c_ids, c_mask = policy.generate([policy.encode_prompt("x"), policy.encode_prompt("hello there")], 2, GenerationConfig(max_new_tokens=6))
+    hidden = policy.completion_hidden(p_ids, p_mask, c_ids, c_mask)
+    ours = chunked_token_logprobs(hidden, policy.lm_head.weight, c_ids, chunk_size=4)
+    for row in range(c_ids.shape[0]):  # reference: each row alone, no padding at all
+        prompt = p_ids[row][p_mask[row].bool()]
+        completion = c_ids[row][c_mask[row].bool()]
+        full = torch.cat([prompt, completion]).unsqueeze(0)
+        logits = model(full).logits[0, len(prompt) - 1 : -1]
+        ref = logits.log_softmax(-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(ours[row][: len(completion)], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_chat_prompts_go_through_the_chat_template(tiny_llama):
+    model, tok = tiny_llama
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    policy = PolicyModel(model=model, tokenizer=tok)
+    ids = policy.encode_prompt([{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}])
+    assert tok.decode(ids) == "<system>be brief\n<user>2+2?\n<assistant>"
+
+
+def test_decode_drops_padding_and_eos(tiny_llama):
+    model, tok = tiny_llama
+    policy = PolicyModel(model=model, tokenizer=tok)
+    ids = torch.tensor([tok("42").input_ids + [tok.eos_token_id, tok.pad_token_id]])
+    assert policy.decode(ids, completion_tokens_mask(ids, tok.eos_token_id)) == ["42"]
