@@ -87,6 +87,24 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     tb = load_file(str(killed / "checkpoint-000006" / "teacher.safetensors"))
     assert all((ta[k] == tb[k]).all() for k in ta)
 
+    # Ctrl-C: the current step finishes, a checkpoint is written, the resume command is printed.
+    interrupted = tmp_path / "interrupted"
+    proc = _run(script, interrupted, "fresh", delay=1.0)
+    while not (interrupted / "checkpoint-000002" / "trainer_state.json").exists():
+        assert proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "Resume with: sdpo train --resume" in out
+    stopped_at = int(sorted(interrupted.glob("checkpoint-*"))[-1].name.split("-")[1])
+    assert 2 <= stopped_at < 6
+    proc = _run(script, interrupted, "resume")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    c = _final_weights(interrupted)
+    assert all((a[k] == c[k]).all() for k in a), "weights differ after a Ctrl-C and resume"
+
 
 def test_resume_from_a_directory_without_checkpoint_says_so(tmp_path):
     from sdpo.checkpoint import resolve_checkpoint
