@@ -63,3 +63,38 @@ def test_decode_drops_padding_and_eos(tiny_llama):
     policy = PolicyModel(model=model, tokenizer=tok)
     ids = torch.tensor([tok("42").input_ids + [tok.eos_token_id, tok.pad_token_id]])
     assert policy.decode(ids, completion_tokens_mask(ids, tok.eos_token_id)) == ["42"]
+
+
+def test_sampler_matches_a_plain_forward_and_filters(tiny_gpt2):
+    """Greedy tokens equal the argmax of a full forward on the growing sequence; top-k 1 == greedy."""
+    from sdpo.policy_model import _filter
+
+    model, tok = tiny_gpt2
+    policy = PolicyModel(model=model, tokenizer=tok)
+    prompts = [policy.encode_prompt("ab"), policy.encode_prompt("hello")]
+    _, _, greedy_ids, _ = policy.generate(prompts, 1, GenerationConfig(max_new_tokens=5, min_new_tokens=5), greedy=True)
+    for row, prompt in enumerate(prompts):
+        seq = list(prompt)
+        for j in range(5):
+            logits = model(torch.tensor([seq])).logits[0, -1]
+            logits[tok.eos_token_id] = float("-inf")
+            seq.append(int(logits.argmax()))
+            assert greedy_ids[row, j] == seq[-1]
+    torch.manual_seed(0)
+    _, _, top1, _ = policy.generate(prompts, 1, GenerationConfig(max_new_tokens=5, min_new_tokens=5, top_k=1))
+    assert torch.equal(top1, greedy_ids)
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    assert torch.isinf(_filter(logits, 2, 1.0)).tolist() == [[False, False, True, True]]
+    kept = ~torch.isinf(_filter(logits, 0, 0.7))  # p = .64, .24, ...: the first two reach 0.7
+    assert kept.tolist() == [[True, True, False, False]]
+
+
+def test_sampling_frequencies_follow_the_distribution(tiny_llama):
+    from sdpo.policy_model import _filter
+
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).repeat(20000, 1)
+    probs = _filter(logits, 0, 1.0).softmax(-1)
+    draws = probs.div_(torch.empty_like(probs).exponential_()).argmax(-1)
+    freq = torch.bincount(draws, minlength=3).float() / len(draws)
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.2]), atol=0.015, rtol=0)

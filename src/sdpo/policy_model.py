@@ -8,6 +8,7 @@ reprompt positions never cost a ``[positions, vocab]`` tensor.
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,8 +105,8 @@ class PolicyModel:
         if isinstance(prompt, list):
             if getattr(self.tokenizer, "chat_template", None) is None:
                 raise ValueError("A chat prompt (list of messages) needs a tokenizer with a chat_template.")
-            ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template has its specials
         return self.tokenizer(prompt)["input_ids"]
 
     def pad_left(self, sequences: list[list[int]]) -> tuple[Tensor, Tensor]:
@@ -139,32 +140,11 @@ class PolicyModel:
         ids, mask = self.pad_left(repeated)
         was_training = self.model.training
         self.model.eval()
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=generation.max_new_tokens,
-            min_new_tokens=generation.min_new_tokens or None,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.eos_token_id,
-        )
-        if greedy:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            kwargs.update(
-                do_sample=True,
-                temperature=generation.temperature,
-                top_p=generation.top_p,
-                top_k=generation.top_k or None,
-            )
         try:
-            out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-        except RuntimeError as exc:
-            if "inf" in str(exc) and "nan" in str(exc):
-                raise RuntimeError(f"The model produced non-finite probabilities while sampling ({exc}); its weights are likely corrupted (NaN/inf). Lower the learning rate or resume from an earlier checkpoint.") from exc
-            raise
+            completion_ids = sample(self.model, ids, mask, generation, self.eos_token_id, self.tokenizer.pad_token_id, greedy=greedy)
         finally:
             self.model.train(was_training)
-        completion_ids = out[:, ids.shape[1] :]
         completion_mask = completion_tokens_mask(completion_ids, self.eos_token_id)
-        completion_ids = completion_ids.masked_fill(completion_mask == 0, self.tokenizer.pad_token_id)
         return ids, mask, completion_ids, completion_mask
 
     def decode(self, completion_ids: Tensor, completion_mask: Tensor) -> list[str]:
@@ -197,6 +177,71 @@ class PolicyModel:
         out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
         p, length = prompt_ids.shape[1], completion_ids.shape[1]
         return out.last_hidden_state[:, p - 1 : p - 1 + length]
+
+
+@torch.no_grad()
+def sample(
+    model: PreTrainedModel,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    generation: GenerationConfig,
+    eos_token_id: int,
+    pad_token_id: int,
+    *,
+    greedy: bool = False,
+) -> Tensor:
+    """Autoregressive sampling with a KV cache: ``[N, P]`` left-padded prompts -> ``[N, L]`` tokens.
+
+    Logits are divided by the temperature, then top-k / top-p filtered; a token is drawn as
+    ``argmax(p / E)`` with ``E ~ Exp(1)`` (exactly a draw from ``p``, much faster than
+    ``torch.multinomial`` on CPU, and from the global torch RNG, so checkpoints replay it). EOS is
+    blocked before ``min_new_tokens``; rows that finished get ``pad_token_id``. Position ids come
+    from the attention mask, as in :meth:`PolicyModel.completion_hidden`.
+    """
+    from transformers import DynamicCache
+
+    mask = prompt_mask
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()  # filled in place by every forward
+    inputs = prompt_ids
+    finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
+    tokens = []
+    # transformers 5 names the KV-cache argument `cache`; earlier versions `past_key_values`.
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    for step in range(generation.max_new_tokens):
+        out = model(input_ids=inputs, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+        logits = out.logits[:, -1, :].float()
+        if step < generation.min_new_tokens:
+            logits[:, eos_token_id] = float("-inf")
+        if greedy:
+            next_tokens = logits.argmax(-1)
+        else:
+            probs = _filter(logits / generation.temperature, generation.top_k, generation.top_p).softmax(-1)
+            if not torch.isfinite(probs).all():
+                raise RuntimeError("The model produced non-finite probabilities while sampling; its weights are likely corrupted (NaN/inf). Lower the learning rate or resume from an earlier checkpoint.")
+            next_tokens = probs.div_(torch.empty_like(probs).exponential_()).argmax(-1)
+        next_tokens = next_tokens.masked_fill(finished, pad_token_id)
+        tokens.append(next_tokens)
+        finished |= next_tokens == eos_token_id
+        if finished.all():
+            break
+        inputs = next_tokens.unsqueeze(-1)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+        positions = positions[:, -1:] + 1
+    return torch.stack(tokens, dim=1)
+
+
+def _filter(logits: Tensor, top_k: int, top_p: float) -> Tensor:
+    """Top-k then top-p (nucleus) filtering of ``[N, V]`` logits (removed entries set to -inf)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses p
+        logits = logits.masked_fill(torch.zeros_like(remove).scatter(-1, order, remove), float("-inf"))
+    return logits
 
 
 def completion_tokens_mask(completion_ids: Tensor, eos_token_id: int) -> Tensor:

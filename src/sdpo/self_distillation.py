@@ -1,0 +1,595 @@
+"""Self-distillation: pull the student's next-token distributions toward the self-teacher's (SPEC §4).
+
+Notation: ``s = log π_student(·)``, ``t = log π_teacher(·)`` (the teacher never carries gradient),
+``p = e^s``, ``q = e^t``, ``α ∈ [0, 1]``.
+
+- α = 0: forward KL ``KL(q ‖ p) = Σ q (t − s)``;
+- α = 1: reverse KL ``KL(p ‖ q) = Σ p (s − t)``;
+- 0 < α < 1: with the mixture ``m = log((1−α)p + αq)``: ``(1−α)·KL(p ‖ m) + α·KL(q ‖ m)``
+  (α = 0.5 is the Jensen–Shannon divergence); gradients flow through ``s``, also inside ``m``.
+
+Every function is pure over tensors. The chunked ones (:func:`chunked_token_divergence`,
+:func:`chunked_token_logprobs`, and :func:`policy_terms`, which gives the trainer log-probs,
+entropy and divergence from one pass) apply the LM head to a few positions at a time under
+activation checkpointing, so a ``[positions, vocab]`` tensor never exists. The full-vocabulary
+divergence has a closed-form gradient computed in the forward pass, in place and in row blocks,
+so a chunk costs about two ``[chunk, V]`` buffers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+# ---------------------------------------------------------------------------------------------
+# Per-position divergence on logits
+# ---------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """At least float32: bf16/fp16 log-softmax over a large vocabulary loses the tail."""
+    dtype = torch.float32
+    for tensor in tensors:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+# Rows per block of the in-place divergence: its temporaries stay near 2**22 elements (16 MB in
+# float32) whatever the chunk size, so a chunk costs little more than its two logits buffers.
+_BLOCK_ELEMENTS = 1 << 22
+
+
+def _log_softmax_(logits: Tensor) -> Tensor:
+    """In-place log-softmax over the last dim."""
+    return logits.sub_(logits.logsumexp(-1, keepdim=True))
+
+
+def _divergence_and_grad_(student_logits: Tensor, teacher_logits: Tensor, alpha: float) -> Tensor:
+    """Divergence of SPEC §4 over the last dim; overwrites ``student_logits`` with ``∂D/∂z``.
+
+    Both arguments are contiguous float (at least 32-bit) scratch buffers of the same shape
+    ``[..., V]``; ``teacher_logits`` is clobbered too. Rows are processed in blocks, so besides
+    the two buffers only block-sized temporaries exist. Returns ``D [...]``.
+    """
+    vocab = student_logits.shape[-1]
+    rows = max(1, _BLOCK_ELEMENTS // max(vocab, 1))
+    student_blocks = student_logits.view(-1, vocab).split(rows)
+    teacher_blocks = teacher_logits.view(-1, vocab).split(rows)
+    blocks = zip(student_blocks, teacher_blocks, strict=True)
+    divergence = torch.cat([_block_divergence_(s, t, alpha) for s, t in blocks])
+    return divergence.view(student_logits.shape[:-1])
+
+
+def _block_divergence_(student_logits: Tensor, teacher_logits: Tensor, alpha: float) -> Tensor:
+    """One block of :func:`_divergence_and_grad_`: ``D [rows]``; ``∂D/∂z`` written into ``student_logits``.
+
+    With ``g = ∂D/∂p`` the softmax Jacobian gives ``∂D/∂z = p ⊙ (g − ⟨p, g⟩)``:
+
+    - α = 0: ``D = Σ q (t − s)``, ``∂D/∂z = p − q``;
+    - α = 1: ``D = Σ p (s − t)``, ``g = s − t + 1``, ``∂D/∂z = p ⊙ ((s − t) − D)``;
+    - else: ``D = (1−α)Σ p log p + αΣ q log q − Σ M log M`` with ``M = (1−α)p + αq``, so
+      ``g = (1−α)(s − m)`` (the mixture's dependence on ``p`` included) and
+      ``∂D/∂z = (1−α)·p ⊙ ((s − m) − KL(p ‖ m))``.
+    """
+    s, t = _log_softmax_(student_logits), _log_softmax_(teacher_logits)
+    if alpha == 0.0:
+        q = t.exp()
+        divergence = t.sub_(s).mul_(q).sum(-1)
+        s.exp_().sub_(q)
+        return divergence
+    if alpha == 1.0:
+        p = s.exp()
+        diff = s.sub_(t)
+        divergence = (p * diff).sum(-1)
+        diff.sub_(divergence.unsqueeze(-1)).mul_(p)
+        return divergence
+    m = s + math.log1p(-alpha)
+    torch.logaddexp(m, t + math.log(alpha), out=m)  # m = log((1−α)p + αq)
+    q = t.exp()
+    kl_teacher = t.sub_(m).mul_(q).sum(-1)
+    p = s.exp()
+    diff = s.sub_(m)
+    kl_student = (p * diff).sum(-1)
+    diff.sub_(kl_student.unsqueeze(-1)).mul_(p).mul_(1.0 - alpha)
+    return (1.0 - alpha) * kl_student + alpha * kl_teacher
+
+
+class _LogitDivergence(torch.autograd.Function):
+    """``D(student_logits, teacher_logits)`` with the closed-form gradient of :func:`_block_divergence_`.
+
+    Autograd through the formula would save ~8 ``[..., V]`` tensors; this saves one, ``∂D/∂z``.
+    ``teacher_logits`` is a scratch buffer the caller hands over: it is overwritten.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits: Tensor, teacher_logits: Tensor, alpha: float) -> Tensor:
+        dtype = _compute_dtype(student_logits, teacher_logits)
+        grad = student_logits.to(dtype, memory_format=torch.contiguous_format, copy=True)
+        divergence = _divergence_and_grad_(grad, teacher_logits.to(dtype).contiguous(), alpha)
+        ctx.save_for_backward(grad.to(student_logits.dtype))
+        return divergence
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None, None]:
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.unsqueeze(-1).to(grad.dtype), None, None
+
+
+class _LinearDivergence(torch.autograd.Function):
+    """``D(hidden @ Wᵀ + b, teacher_logits)`` without keeping the student logits.
+
+    The logits buffer itself becomes ``∂D/∂z``, so a chunk of positions costs two ``[chunk, V]``
+    buffers (student and teacher) plus small temporaries; the backward is the LM head's own.
+    ``teacher_logits`` is a scratch buffer the caller hands over: it is overwritten.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        teacher_logits: Tensor,
+        alpha: float,
+    ) -> Tensor:
+        logits = F.linear(hidden, weight, bias)
+        dtype = _compute_dtype(logits, teacher_logits)
+        grad = logits.to(dtype)
+        del logits  # frees a half-precision original
+        divergence = _divergence_and_grad_(grad, teacher_logits.to(dtype).contiguous(), alpha)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(hidden, weight, grad.to(weight.dtype))
+        return divergence
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        hidden, weight, grad = ctx.saved_tensors
+        grad_logits = grad * grad_output.unsqueeze(-1).to(grad.dtype)
+        grad_bias = grad_logits.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_hidden = grad_logits @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad_logits.T @ hidden if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def _log1mexp(log_x: Tensor) -> Tensor:
+    """``log(1 − e^{log_x})`` for ``log_x < 0``; clamped just below 0 so a full top-k stays finite."""
+    log_x = log_x.clamp(max=-torch.finfo(log_x.dtype).eps)
+    return torch.log(-torch.expm1(log_x))
+
+
+def _student_topk_support(
+    student_logits: Tensor, teacher_logits: Tensor, topk: int, add_tail: bool
+) -> tuple[Tensor, Tensor]:
+    """Both sides' log-probs on the student's top-k ids (full-vocabulary normalized) [+ tail]."""
+    dtype = _compute_dtype(student_logits, teacher_logits)
+    student_logits = student_logits.to(dtype)
+    teacher_logits = teacher_logits.to(dtype)
+    k = min(topk, student_logits.shape[-1])
+    student_top, ids = student_logits.topk(k, dim=-1)
+    s = student_top - student_logits.logsumexp(-1, keepdim=True)
+    t = teacher_logits.gather(-1, ids) - teacher_logits.logsumexp(-1, keepdim=True)
+    if add_tail:
+        s = torch.cat([s, _log1mexp(s.logsumexp(-1, keepdim=True))], dim=-1)
+        t = torch.cat([t, _log1mexp(t.logsumexp(-1, keepdim=True))], dim=-1)
+    # Without a tail the k gathered values are renormalized by the log-softmax inside
+    # _block_divergence_; with one they already sum to 1 and that log-softmax is the identity.
+    return s, t
+
+
+def _check_divergence_args(alpha: float, topk: int | None) -> None:
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+    if topk is not None and topk < 1:
+        raise ValueError(f"topk must be >= 1 or None, got {topk}.")
+
+
+def token_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    alpha: float,
+    topk: int | None = None,
+    add_tail: bool = True,
+) -> Tensor:
+    """Per-position divergence between student and teacher next-token distributions.
+
+    ``s = log_softmax(student_logits)``, ``t = log_softmax(teacher_logits)`` (detached):
+
+    - α = 0: ``Σ e^t (t − s)`` (forward KL, teacher ‖ student);
+    - α = 1: ``Σ e^s (s − t)`` (reverse KL, student ‖ teacher);
+    - 0 < α < 1: ``m = logsumexp(log(1−α) + s, log(α) + t)``,
+      ``(1−α)·Σ e^s (s − m) + α·Σ e^t (t − m)``.
+
+    With ``topk = k`` the support is the student's k most likely ids; both sides' full-vocabulary
+    log-probs are gathered there. ``add_tail`` appends one bucket ``log(1 − Σ_topk e^x)`` per side
+    (a (k+1)-way distribution); otherwise both sides are renormalized over the k ids.
+
+    Args:
+        student_logits: ``[..., V]``, finite; gradients flow to it.
+        teacher_logits: ``[..., V]``, finite; treated as a constant.
+        alpha: interpolation in ``[0, 1]`` (0 forward KL, 1 reverse KL, 0.5 JSD).
+        topk: restrict to the student's top-k ids; ``None`` = full vocabulary.
+        add_tail: with ``topk``, keep the remaining mass as one tail bucket.
+
+    Returns:
+        ``[...]`` divergence per position, in at least float32.
+    """
+    _check_divergence_args(alpha, topk)
+    teacher_logits = teacher_logits.detach()
+    if topk is None:  # the full-vocabulary path overwrites its teacher buffer; not the caller's
+        dtype = _compute_dtype(student_logits, teacher_logits)
+        teacher_logits = teacher_logits.to(dtype, memory_format=torch.contiguous_format, copy=True)
+    return _divergence(student_logits, teacher_logits, alpha, topk, add_tail)
+
+
+def _divergence(
+    student_logits: Tensor, teacher_logits: Tensor, alpha: float, topk: int | None, add_tail: bool
+) -> Tensor:
+    """:func:`token_divergence` on a teacher buffer it may overwrite (full vocabulary)."""
+    if topk is not None:
+        student_logits, teacher_logits = _student_topk_support(
+            student_logits, teacher_logits, topk, add_tail
+        )
+    return _LogitDivergence.apply(student_logits, teacher_logits, float(alpha))
+
+
+def token_level_divergence(
+    student_token_logprobs: Tensor, teacher_token_logprobs: Tensor
+) -> Tensor:
+    """Sampled-token variant of the reverse KL (α = 1): ``sg(s_y − t_y) · s_y`` per position.
+
+    Its gradient ``(s_y − t_y)·∇s_y`` is, in expectation over ``y ~ π_student``, the gradient of
+    ``KL(student ‖ teacher)`` (the score-function term ``E[∇s_y]`` vanishes). The value itself is
+    not a divergence; log ``sg(s_y − t_y)`` for a KL estimate.
+
+    Args:
+        student_token_logprobs: ``[...]`` log-probs of the sampled tokens; gradients flow to it.
+        teacher_token_logprobs: ``[...]`` the teacher's log-probs of the same tokens (detached).
+
+    Returns:
+        ``[...]`` per-position loss.
+    """
+    advantage = (student_token_logprobs - teacher_token_logprobs).detach()
+    return advantage * student_token_logprobs
+
+
+def importance_weights(logprobs: Tensor, old_logprobs: Tensor, is_clip: float | None) -> Tensor:
+    """Off-policy correction of the distillation loss: ``min(exp(clamp(logπ_θ − logπ_old, ±20)), is_clip)``.
+
+    Detached (it reweights the loss, it is not optimized). ``is_clip = None`` leaves the ratio
+    unclipped from above (still clamped in log space so it stays finite).
+
+    Args:
+        logprobs: ``[...]`` sampled-token log-probs under the current policy.
+        old_logprobs: ``[...]`` the same under the policy that generated the batch.
+        is_clip: upper bound of the weight, or ``None``.
+
+    Returns:
+        ``[...]`` weights, detached.
+    """
+    log_ratio = (logprobs.detach() - old_logprobs.detach()).clamp(-20.0, 20.0)
+    weights = log_ratio.exp()
+    if is_clip is not None:
+        weights = weights.clamp(max=is_clip)
+    return weights
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunked LM head: logits for a few positions at a time
+# ---------------------------------------------------------------------------------------------
+
+
+def _tempered(
+    hidden: Tensor, bias: Tensor | None, temperature: float
+) -> tuple[Tensor, Tensor | None]:
+    """``hidden / T`` and ``bias / T``: dividing the ``[n, H]`` side avoids a ``[n, V]`` copy."""
+    if temperature == 1.0:
+        return hidden, bias
+    return hidden / temperature, None if bias is None else bias / temperature
+
+
+def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
+    """``(hidden @ weightᵀ + bias) / temperature``, in at least float32."""
+    hidden, bias = _tempered(hidden, bias, temperature)
+    logits = F.linear(hidden, weight, bias)
+    return logits.to(_compute_dtype(logits))
+
+
+def _teacher_head(
+    weight: Tensor, bias: Tensor | None, teacher_weight: Tensor | None, teacher_bias: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """The teacher's LM head, detached; the student's when the teacher brings none."""
+    if teacher_weight is None:
+        teacher_weight, teacher_bias = weight, bias
+    return teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach()
+
+
+def _map_chunks(
+    fn: Callable[..., tuple[Tensor, ...]],
+    chunk_size: int,
+    rows: Sequence[Tensor | None],
+    shared: Sequence[Tensor | None],
+) -> tuple[Tensor, ...]:
+    """``fn(*row_chunks, *shared)`` per chunk of ``chunk_size`` rows, outputs concatenated.
+
+    When a gradient is needed and there is more than one chunk, each chunk runs under
+    (non-reentrant) checkpointing: the forward keeps none of the chunk's ``[chunk, V]``
+    activations, and the backward recomputes one chunk at a time. ``None`` rows pass as ``None``.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    tensors = [t for t in (*rows, *shared) if t is not None]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    num_rows = next(r for r in rows if r is not None).shape[0]
+    outputs = []
+    for start in range(0, max(num_rows, 1), chunk_size):  # one (empty) chunk when num_rows == 0
+        args = [None if r is None else r[start : start + chunk_size] for r in rows] + list(shared)
+        # A single chunk is already O(chunk x V): checkpointing it would only add a recompute.
+        if needs_grad and num_rows > chunk_size:  # fn draws no random numbers: no RNG to replay
+            outputs.append(checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False))
+        else:
+            outputs.append(fn(*args))
+    return tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
+
+
+def _token_logprobs(logits: Tensor, token_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """``(z_y − logsumexp(z), entropy)`` over the last dim; entropy detached (a metric)."""
+    log_normalizer = logits.logsumexp(-1)
+    logprobs = logits.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1) - log_normalizer
+    with torch.no_grad():
+        entropy = log_normalizer - (logits.softmax(-1) * logits).sum(-1)
+    return logprobs, entropy
+
+
+def chunked_token_divergence(
+    student_hidden: Tensor,
+    teacher_hidden: Tensor,
+    lm_head_weight: Tensor,
+    *,
+    alpha: float,
+    topk: int | None = None,
+    add_tail: bool = True,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    lm_head_bias: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+) -> Tensor:
+    """:func:`token_divergence` of the LM head's logits, ``chunk_size`` positions at a time.
+
+    Equals ``token_divergence(z_s, z_t, alpha=alpha, topk=topk, add_tail=add_tail)`` with
+    ``z_s = (student_hidden @ Wᵀ + b) / temperature`` and ``z_t`` the same for the teacher, but each
+    chunk runs under ``torch.utils.checkpoint``, so forward and backward hold ``O(chunk_size × V)``
+    extra memory instead of ``O(N × V)`` (at the price of recomputing each chunk's logits once).
+
+    Args:
+        student_hidden: ``[..., H]`` hidden states of the positions to distill (with gradient).
+        teacher_hidden: ``[..., H_t]`` the teacher's hidden states at the same positions (constant).
+        lm_head_weight: ``[V, H]`` student LM head; receives gradient.
+        alpha, topk, add_tail: as in :func:`token_divergence`.
+        temperature: sampling temperature T; both sides' logits are divided by it.
+        chunk_size: positions per chunk.
+        lm_head_bias: ``[V]`` student LM-head bias, or ``None``.
+        teacher_weight: ``[V, H_t]`` the teacher's own LM head (an EMA copy, a concatenated
+            trust-region head); ``None`` = the student's head and bias, detached.
+        teacher_bias: ``[V]`` the teacher's bias; only read with ``teacher_weight``.
+
+    Returns:
+        ``[...]`` divergence per position (the leading dims of ``student_hidden``).
+    """
+    _check_divergence_args(alpha, topk)
+    teacher_weight, teacher_bias = _teacher_head(
+        lm_head_weight, lm_head_bias, teacher_weight, teacher_bias
+    )
+
+    def chunk_divergence(
+        h_student: Tensor, h_teacher: Tensor, weight: Tensor, bias: Tensor | None
+    ) -> tuple[Tensor]:
+        with torch.no_grad():
+            teacher_logits = _logits(h_teacher, teacher_weight, teacher_bias, temperature)
+        if topk is None:  # fused: the student logits exist only as the loss's own scratch buffer
+            h_student, bias = _tempered(h_student, bias, temperature)
+            return (_LinearDivergence.apply(h_student, weight, bias, teacher_logits, float(alpha)),)
+        student_logits = _logits(h_student, weight, bias, temperature)
+        return (_divergence(student_logits, teacher_logits, alpha, topk, add_tail),)
+
+    rows = [student_hidden.flatten(0, -2), teacher_hidden.detach().flatten(0, -2)]
+    (divergence,) = _map_chunks(chunk_divergence, chunk_size, rows, [lm_head_weight, lm_head_bias])
+    return divergence.reshape(student_hidden.shape[:-1])
+
+
+def chunked_token_logprobs(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    token_ids: Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    lm_head_bias: Tensor | None = None,
+    with_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Log-prob of ``token_ids`` under the LM head, ``chunk_size`` positions at a time.
+
+    ``z = (hidden @ Wᵀ + b) / temperature``; returns ``z_y − logsumexp(z)`` per position, and with
+    ``with_entropy`` also ``H = logsumexp(z) − Σ softmax(z)·z`` (detached, a metric). Chunks are
+    checkpointed as in :func:`chunked_token_divergence`, so no ``[N, V]`` tensor is ever held.
+
+    Args:
+        hidden: ``[..., H]`` hidden states that predict ``token_ids``.
+        lm_head_weight: ``[V, H]``; receives gradient.
+        token_ids: ``[...]`` (long) the tokens whose log-probs are wanted.
+        temperature: sampling temperature T.
+        chunk_size: positions per chunk.
+        lm_head_bias: ``[V]`` or ``None``.
+        with_entropy: also return the per-position entropy.
+
+    Returns:
+        ``[...]`` log-probs (at least float32), or ``(logprobs, entropy)``.
+    """
+
+    def chunk_logprobs(
+        h: Tensor, ids: Tensor, weight: Tensor, bias: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        return _token_logprobs(_logits(h, weight, bias, temperature), ids)
+
+    rows = [hidden.flatten(0, -2), token_ids.reshape(-1)]
+    logprobs, entropy = _map_chunks(
+        chunk_logprobs, chunk_size, rows, [lm_head_weight, lm_head_bias]
+    )
+    logprobs = logprobs.reshape(token_ids.shape)
+    return (logprobs, entropy.reshape(token_ids.shape)) if with_entropy else logprobs
+
+
+def policy_terms(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    token_ids: Tensor,
+    *,
+    lm_head_bias: Tensor | None = None,
+    teacher_hidden: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    distill_mask: Tensor | None = None,
+    alpha: float = 0.5,
+    topk: int | None = None,
+    add_tail: bool = True,
+    level: str = "logit",
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> dict[str, Tensor]:
+    """Everything a training step needs from the LM head, in one chunked, checkpointed pass.
+
+    Each chunk's student logits ``z = (hidden @ Wᵀ + b) / temperature`` are computed once and
+    give the sampled-token log-probs (policy gradient, KL, importance weights), the entropy, and —
+    with ``teacher_hidden`` — the distillation divergence at the positions of ``distill_mask``:
+    :func:`token_divergence` for ``level = "logit"``, :func:`token_level_divergence` for ``"token"``.
+    The teacher side is computed under ``no_grad`` and only at distilled positions.
+
+    Args:
+        hidden: ``[N, H]`` student hidden states predicting ``token_ids``.
+        lm_head_weight: ``[V, H]`` student LM head; receives gradient.
+        token_ids: ``[N]`` (long) sampled tokens.
+        lm_head_bias: ``[V]`` or ``None``.
+        teacher_hidden: ``[N, H_t]`` the teacher's hidden states, or ``None`` (no distillation).
+        teacher_weight, teacher_bias: the teacher's LM head; ``None`` = the student's, detached.
+        distill_mask: ``[N]`` bool, positions to distill; ``None`` = all.
+        alpha, topk, add_tail: as in :func:`token_divergence`.
+        level: ``logit`` (distribution matching) or ``token`` (sampled-token reverse KL).
+        temperature: sampling temperature T.
+        chunk_size: positions per chunk.
+
+    Returns:
+        ``logprobs [N]`` (with gradient) and ``entropy [N]`` (detached); with ``teacher_hidden``
+        also ``divergence [N]`` (with gradient, 0 outside ``distill_mask``) and
+        ``teacher_logprobs [N]`` (the teacher's log-prob of each sampled token, detached, 0
+        outside ``distill_mask``).
+    """
+    if level not in ("logit", "token"):
+        raise ValueError(f"Unknown distillation level {level!r}; choose 'logit' or 'token'.")
+    _check_divergence_args(alpha, topk)
+    teacher_weight, teacher_bias = _teacher_head(
+        lm_head_weight, lm_head_bias, teacher_weight, teacher_bias
+    )
+    if teacher_hidden is None:
+        distill_mask = None
+    else:
+        teacher_hidden = teacher_hidden.detach()
+        distill_mask = (
+            torch.ones_like(token_ids, dtype=torch.bool)
+            if distill_mask is None
+            else distill_mask.bool()
+        )
+
+    def chunk_terms(
+        h: Tensor,
+        ids: Tensor,
+        h_teacher: Tensor | None,
+        mask: Tensor | None,
+        weight: Tensor,
+        bias: Tensor | None,
+    ) -> tuple[Tensor, ...]:
+        logits = _logits(h, weight, bias, temperature)
+        logprobs, entropy = _token_logprobs(logits, ids)
+        if h_teacher is None:
+            return logprobs, entropy
+        # The teacher pass costs only where there is a teacher.
+        distilled = mask.nonzero().squeeze(-1)
+        with torch.no_grad():
+            teacher_logits = _logits(
+                h_teacher[distilled], teacher_weight, teacher_bias, temperature
+            )
+            teacher_logprobs, _ = _token_logprobs(teacher_logits, ids[distilled])
+        if level == "logit":
+            student_logits = logits if len(distilled) == len(mask) else logits[distilled]
+            divergence = _divergence(student_logits, teacher_logits, alpha, topk, add_tail)
+        else:
+            divergence = token_level_divergence(logprobs[distilled], teacher_logprobs)
+        zeros = logprobs.new_zeros(logprobs.shape)
+        return (
+            logprobs,
+            entropy,
+            zeros.index_copy(0, distilled, divergence),
+            zeros.index_copy(0, distilled, teacher_logprobs),
+        )
+
+    rows = [hidden, token_ids, teacher_hidden, distill_mask]
+    out = _map_chunks(chunk_terms, chunk_size, rows, [lm_head_weight, lm_head_bias])
+    names = ("logprobs", "entropy", "divergence", "teacher_logprobs")
+    return dict(zip(names, out, strict=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation
+# ---------------------------------------------------------------------------------------------
+
+
+def self_distillation_loss(
+    divergence: Tensor,
+    distill_mask: Tensor,
+    *,
+    is_weights: Tensor | None = None,
+    normalizer: float | Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Mean divergence over the distilled tokens: ``Σ div·w·mask / normalizer``.
+
+    Only distilled tokens (completion tokens of rows that have a teacher context) count, so rows
+    without one do not dilute the mean. Pass the whole step's distilled-token count as
+    ``normalizer`` and sum the micro-batch losses: the result then does not depend on the split.
+
+    Args:
+        divergence: ``[B, T]`` per-token divergence (e.g. from :func:`chunked_token_divergence`).
+        distill_mask: ``[B, T]`` bool or 0/1, True at distilled tokens.
+        is_weights: ``[B, T]`` importance weights (:func:`importance_weights`), used detached;
+            ``None`` = 1.
+        normalizer: denominator (at least 1 is used); ``None`` = this batch's distilled-token count.
+
+    Returns:
+        ``(loss, metrics)``: a scalar (zero, but connected to ``divergence``, when nothing is
+        distilled) and ``divergence_mean`` (unweighted, over distilled tokens), ``distilled_tokens``,
+        ``is_ratio_mean`` (mean weight over distilled tokens; 1.0 when there are none).
+    """
+    mask = distill_mask.bool()
+    weights = torch.ones_like(divergence) if is_weights is None else is_weights.detach()
+    # where, not multiply: positions outside the mask may hold garbage (inf·0 = nan).
+    weighted = torch.where(mask, divergence * weights, torch.zeros_like(divergence))
+    count = mask.sum()
+    denominator = max(float(count if normalizer is None else normalizer), 1.0)  # 0 tokens: loss 0
+    loss = weighted.sum() / denominator
+
+    num_tokens = int(count.item())
+    with torch.no_grad():
+        divergence_sum = torch.where(mask, divergence, torch.zeros_like(divergence)).sum()
+        weight_sum = torch.where(mask, weights, torch.zeros_like(weights)).sum()
+    metrics = {
+        "divergence_mean": divergence_sum.item() / num_tokens if num_tokens else 0.0,
+        "distilled_tokens": float(num_tokens),
+        "is_ratio_mean": weight_sum.item() / num_tokens if num_tokens else 1.0,
+    }
+    return loss, metrics
