@@ -352,6 +352,11 @@ def _convert(key: str, value: Any, typ: Any) -> Any:
         if optional:
             return None
         raise ValueError(f"{key} may not be None; expected {base.__name__}.")
+    if isinstance(value, str) and base in (int, float):
+        try:  # YAML 1.1 reads "3e-4" as a string
+            value = float(value) if base is float else int(value)
+        except ValueError:
+            pass
     if isinstance(value, str) and base is not str:
         try:
             value = yaml.safe_load(value)
@@ -408,7 +413,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optimization.learning_rate": 1e-4,
         "optimization.prompts_per_step": 8,
         "optimization.micro_batch_size": 64,
-        "run.max_steps": 150,
+        "run.max_steps": 120,
         "run.save_steps": 50,
         "run.eval_max_prompts": 500,
     },

@@ -1,0 +1,92 @@
+"""Arithmetic: ``Q: 347+586=`` -> ``933``, generated from a seed, offline.
+
+With its defaults (two 2-digit operands, addition) this is the quickstart task the demo model is
+trained for. Change the module-level defaults (or pass ``digits=``/``operations=`` to :func:`load`)
+for other variants; subtraction keeps the larger operand first, so answers are never negative.
+
+The reward is an exact match on the ``answer`` column; a wrong answer gets feedback that helps
+without giving the answer away (its length versus the right length, or too large / too small).
+"""
+
+from __future__ import annotations
+
+import operator
+import random
+
+from sdpo.reward_model import Prompt, RewardModel, RewardOutput
+from sdpo.tasks import draw_rows
+
+DIGITS = 2  # digits of each operand (the demo model is mid-way through learning 2-digit sums)
+OPERATIONS = ("+",)  # any of "+", "-", "*"
+NUM_TRAIN = 10_000  # rows in the train split
+NUM_EVAL = 500  # rows in the eval split
+EVAL_FRACTION = 0.1  # share of all problems reserved for eval (by a hash of the prompt)
+
+_APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+
+
+def make_problem(a: int, b: int, op: str = "+") -> dict:
+    """The row for ``a op b``: ``{"prompt": "Q: a op b=", "answer": str(result)}``."""
+    if op not in _APPLY:
+        raise ValueError(f"Unknown operation {op!r}; expected one of {', '.join(_APPLY)}.")
+    return {"prompt": f"Q: {a}{op}{b}=", "answer": str(_APPLY[op](a, b))}
+
+
+def random_problem(rng: random.Random, digits: int = DIGITS, operations: tuple[str, ...] = OPERATIONS) -> dict:
+    """One problem with two ``digits``-digit operands and an operation drawn from ``operations``."""
+    low, high = (0 if digits == 1 else 10 ** (digits - 1)), 10**digits - 1
+    a, b = rng.randint(low, high), rng.randint(low, high)
+    op = rng.choice(operations)
+    if op == "-" and a < b:
+        a, b = b, a
+    return make_problem(a, b, op)
+
+
+def load(
+    split: str,
+    seed: int = 0,
+    *,
+    n: int | None = None,
+    digits: int | None = None,
+    operations: tuple[str, ...] | None = None,
+) -> list[dict]:
+    """``n`` distinct problems of ``split`` (defaults: the module-level constants)."""
+    digits = DIGITS if digits is None else digits
+    operations = OPERATIONS if operations is None else tuple(operations)
+    if n is None:
+        n = NUM_TRAIN if split == "train" else NUM_EVAL
+    return draw_rows(lambda rng: random_problem(rng, digits, operations), split, n, seed, EVAL_FRACTION)
+
+
+def feedback_for(completion: str, answer: str) -> str | None:
+    """Feedback on a wrong ``completion`` that never contains ``answer``; None when it is right."""
+    given = completion.strip()
+    if given == answer:
+        return None
+    try:
+        value = int(given)
+    except ValueError:
+        return "Your answer is not a whole number."
+    if len(given.lstrip("-")) != len(answer.lstrip("-")):
+        return f"Your answer has {len(given.lstrip('-'))} digits; the correct answer has {len(answer.lstrip('-'))}."
+    return "Your answer is too large." if value > int(answer) else "Your answer is too small."
+
+
+class ArithmeticRewardModel(RewardModel):
+    """1.0 when the completion (stripped) equals the ``answer`` column, else 0.0 with feedback."""
+
+    name = "arithmetic"
+
+    def __call__(self, prompts: list[Prompt], completions: list[str], **columns: list) -> list[RewardOutput]:
+        if "answer" not in columns:
+            raise KeyError(f"The arithmetic reward needs an 'answer' column; got {sorted(columns)}.")
+        outputs = []
+        for completion, answer in zip(completions, columns["answer"], strict=True):
+            feedback = feedback_for(completion, str(answer))
+            outputs.append(RewardOutput(score=float(feedback is None), feedback=feedback))
+        return outputs
+
+
+def reward_model() -> RewardModel:
+    """Exact match on ``answer``, with length / too large / too small feedback."""
+    return ArithmeticRewardModel()
