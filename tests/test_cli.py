@@ -41,5 +41,10 @@ def test_resume_needs_a_run_directory(tmp_path):
 
 
 def test_cli_entry_point_runs_as_a_subprocess():
-    out = subprocess.run([sys.executable, "-m", "sdpo.cli", "train", "--help"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "sdpo.cli", "train", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0 and "quickstart" in out.stdout

@@ -43,7 +43,15 @@ def test_every_key_has_a_one_line_doc():
 def test_unique_leaf_names_and_dotted_overrides_convert_types():
     c = SDPOConfig(alpha=1.0, distillation_topk=20)
     assert c.self_distillation.alpha == 1.0 and c.self_distillation.distillation_topk == 20
-    c.apply_overrides(["self_distillation.alpha=0.25", "is_clip=none", "run.max_steps=7", "scale_rewards=false", "learning_rate=3e-4"])
+    c.apply_overrides(
+        [
+            "self_distillation.alpha=0.25",
+            "is_clip=none",
+            "run.max_steps=7",
+            "scale_rewards=false",
+            "learning_rate=3e-4",
+        ]
+    )
     assert c.self_distillation.alpha == 0.25 and isinstance(c.self_distillation.alpha, float)
     assert c.self_distillation.is_clip is None
     assert c.run.max_steps == 7 and isinstance(c.run.max_steps, int)
@@ -55,16 +63,25 @@ def test_yaml_round_trip_and_partial_yaml(tmp_path):
     c = SDPOConfig(alpha=0.0, teacher="live", run__seed=5)
     c.to_yaml(tmp_path / "c.yaml")
     assert SDPOConfig.from_yaml(tmp_path / "c.yaml") == c
-    (tmp_path / "p.yaml").write_text("preset: paper\nself_distillation:\n  alpha: 1.0\ntask: arithmetic\n")
+    (tmp_path / "p.yaml").write_text(
+        "preset: paper\nself_distillation:\n  alpha: 1.0\ntask: arithmetic\n"
+    )
     p = SDPOConfig.from_yaml(tmp_path / "p.yaml")
-    assert p.self_distillation.alpha == 1.0 and p.policy_gradient.pg_loss_weight == 0.0 and p.data.task == "arithmetic"
+    assert (
+        p.self_distillation.alpha == 1.0
+        and p.policy_gradient.pg_loss_weight == 0.0
+        and p.data.task == "arithmetic"
+    )
     assert c.to_dict()["self_distillation"]["teacher"] == "live"
 
 
 def test_presets():
     paper = SDPOConfig.preset("paper")
     assert paper.policy_gradient.pg_loss_weight == 0.0
-    assert paper.self_distillation.distillation_topk == 100 and paper.self_distillation.distillation_add_tail
+    assert (
+        paper.self_distillation.distillation_topk == 100
+        and paper.self_distillation.distillation_add_tail
+    )
     assert paper.self_distillation.is_clip == 2.0 and paper.num_samples_per_prompt == 8
     assert SDPOConfig.preset("grpo").self_distillation.distillation_weight == 0.0
     assert SDPOConfig.preset("seed") == SDPOConfig()
@@ -85,7 +102,10 @@ def test_unknown_key_names_the_closest_valid_key():
     [
         ({"alpha": 1.5}, r"self_distillation.alpha = 1.5 is out of range: must be <= 1.0"),
         ({"alpha": -0.1}, r"self_distillation.alpha = -0.1 is out of range"),
-        ({"distillation_weight": -1.0}, r"distillation_weight = -1.0 is out of range: must be >= 0"),
+        (
+            {"distillation_weight": -1.0},
+            r"distillation_weight = -1.0 is out of range: must be >= 0",
+        ),
         ({"distillation_topk": 0}, r"distillation_topk = 0 is out of range: must be >= 1"),
         ({"success_reward_threshold": math.nan}, r"success_reward_threshold is NaN"),
         ({"num_samples_per_prompt": 2.5}, r"num_samples_per_prompt must be an integer"),

@@ -11,7 +11,11 @@ from sdpo.self_distillation import chunked_token_logprobs
 
 def test_completion_mask_keeps_first_eos_only():
     ids = torch.tensor([[5, 1, 7, 1], [5, 6, 7, 8], [1, 3, 3, 3]])
-    assert completion_tokens_mask(ids, eos_token_id=1).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert completion_tokens_mask(ids, eos_token_id=1).tolist() == [
+        [1, 1, 0, 0],
+        [1, 1, 1, 1],
+        [1, 0, 0, 0],
+    ]
 
 
 def test_generate_groups_and_left_padding(tiny_llama):
@@ -21,7 +25,9 @@ def test_generate_groups_and_left_padding(tiny_llama):
     torch.manual_seed(0)
     p_ids, p_mask, c_ids, c_mask = policy.generate(prompts, 3, GenerationConfig(max_new_tokens=5))
     assert p_ids.shape[0] == c_ids.shape[0] == 6
-    assert p_mask[:3, 0].tolist() == [0, 0, 0] and p_mask[3:].all()  # the shorter prompt is left-padded
+    assert (
+        p_mask[:3, 0].tolist() == [0, 0, 0] and p_mask[3:].all()
+    )  # the shorter prompt is left-padded
     assert (p_ids[0][p_mask[0].bool()] == torch.tensor(prompts[0])).all()
     assert c_ids.shape[1] <= 5 and (c_ids[c_mask == 0] == tok.pad_token_id).all()
 
@@ -29,7 +35,9 @@ def test_generate_groups_and_left_padding(tiny_llama):
 def test_min_new_tokens_fixes_the_length(tiny_llama):
     model, tok = tiny_llama
     policy = PolicyModel(model=model, tokenizer=tok)
-    _, _, c_ids, c_mask = policy.generate([policy.encode_prompt("ab")], 4, GenerationConfig(max_new_tokens=7, min_new_tokens=7))
+    _, _, c_ids, c_mask = policy.generate(
+        [policy.encode_prompt("ab")], 4, GenerationConfig(max_new_tokens=7, min_new_tokens=7)
+    )
     assert c_mask.sum(-1).tolist() == [7, 7, 7, 7]
 
 
@@ -38,7 +46,11 @@ def test_completion_hidden_matches_full_forward_logprobs(tiny_llama):
     model, tok = tiny_llama
     policy = PolicyModel(model=model, tokenizer=tok)
     torch.manual_seed(1)
-    p_ids, p_mask, c_ids, c_mask = policy.generate([policy.encode_prompt("x"), policy.encode_prompt("hello there")], 2, GenerationConfig(max_new_tokens=6))
+    p_ids, p_mask, c_ids, c_mask = policy.generate(
+        [policy.encode_prompt("x"), policy.encode_prompt("hello there")],
+        2,
+        GenerationConfig(max_new_tokens=6),
+    )
     hidden = policy.completion_hidden(p_ids, p_mask, c_ids, c_mask)
     ours = chunked_token_logprobs(hidden, policy.lm_head.weight, c_ids, chunk_size=4)
     for row in range(c_ids.shape[0]):  # reference: each row alone, no padding at all
@@ -54,7 +66,9 @@ def test_chat_prompts_go_through_the_chat_template(tiny_llama):
     model, tok = tiny_llama
     tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
     policy = PolicyModel(model=model, tokenizer=tok)
-    ids = policy.encode_prompt([{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}])
+    ids = policy.encode_prompt(
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}]
+    )
     assert tok.decode(ids) == "<system>be brief\n<user>2+2?\n<assistant>"
 
 
@@ -72,7 +86,9 @@ def test_sampler_matches_a_plain_forward_and_filters(tiny_gpt2):
     model, tok = tiny_gpt2
     policy = PolicyModel(model=model, tokenizer=tok)
     prompts = [policy.encode_prompt("ab"), policy.encode_prompt("hello")]
-    _, _, greedy_ids, _ = policy.generate(prompts, 1, GenerationConfig(max_new_tokens=5, min_new_tokens=5), greedy=True)
+    _, _, greedy_ids, _ = policy.generate(
+        prompts, 1, GenerationConfig(max_new_tokens=5, min_new_tokens=5), greedy=True
+    )
     for row, prompt in enumerate(prompts):
         seq = list(prompt)
         for j in range(5):
@@ -81,7 +97,9 @@ def test_sampler_matches_a_plain_forward_and_filters(tiny_gpt2):
             seq.append(int(logits.argmax()))
             assert greedy_ids[row, j] == seq[-1]
     torch.manual_seed(0)
-    _, _, top1, _ = policy.generate(prompts, 1, GenerationConfig(max_new_tokens=5, min_new_tokens=5, top_k=1))
+    _, _, top1, _ = policy.generate(
+        prompts, 1, GenerationConfig(max_new_tokens=5, min_new_tokens=5, top_k=1)
+    )
     assert torch.equal(top1, greedy_ids)
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
     assert torch.isinf(_filter(logits, 2, 1.0)).tolist() == [[False, False, True, True]]

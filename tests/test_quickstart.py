@@ -15,8 +15,14 @@ import pytest
 def test_sdpo_train_quickstart_improves_accuracy(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     start = time.time()
-    out = subprocess.run([sys.executable, "-m", "sdpo.cli", "train", "run.progress_bar=false"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [sys.executable, "-m", "sdpo.cli", "train", "run.progress_bar=false"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     elapsed = time.time() - start
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Run directory:" in out.stdout
@@ -25,7 +31,9 @@ def test_sdpo_train_quickstart_improves_accuracy(tmp_path):
     evals = [json.loads(line) for line in (run_dirs[0] / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in evals if "eval/accuracy_greedy" in r]
     first, last = evals[0], evals[-1]
-    print(f"quickstart: {elapsed:.0f}s, greedy {first['eval/accuracy_greedy']:.3f} -> {last['eval/accuracy_greedy']:.3f}, "
-          f"sampled {first['eval/accuracy_sampled']:.3f} -> {last['eval/accuracy_sampled']:.3f}")
+    print(
+        f"quickstart: {elapsed:.0f}s, greedy {first['eval/accuracy_greedy']:.3f} -> {last['eval/accuracy_greedy']:.3f}, "
+        f"sampled {first['eval/accuracy_sampled']:.3f} -> {last['eval/accuracy_sampled']:.3f}"
+    )
     assert last["eval/accuracy_sampled"] > first["eval/accuracy_sampled"]
     assert last["eval/accuracy_greedy"] > first["eval/accuracy_greedy"]

@@ -47,8 +47,13 @@ SCRIPT = textwrap.dedent(
 
 def _run(script: Path, run_dir: Path, mode: str, delay: float = 0.0) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0"}
-    return subprocess.Popen([sys.executable, str(script), str(run_dir), mode, str(delay)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(script), str(run_dir), mode, str(delay)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _final_weights(run_dir: Path) -> dict:

@@ -6,12 +6,14 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_gpt2, make_tiny_llama
+from conftest import make_tiny_llama
 
 from sdpo import PolicyModel, SDPOConfig, SDPOTrainer
 from sdpo.reward_model import RewardOutput
 
-ROWS = [{"prompt": f"Q: {a}+{b}=", "answer": str(a + b)} for a in range(10, 14) for b in range(20, 24)]
+ROWS = [
+    {"prompt": f"Q: {a}+{b}=", "answer": str(a + b)} for a in range(10, 14) for b in range(20, 24)
+]
 
 
 def parity_reward(prompts, completions, **columns):
@@ -39,24 +41,45 @@ def test_train_writes_metrics_samples_checkpoints_and_changes_weights(tmp_path, 
     model, tok = tiny_llama
     before = {k: v.clone() for k, v in model.state_dict().items()}
     config = make_config(tmp_path, run__save_steps=1, run__save_total_limit=1)
-    trainer = SDPOTrainer(config=config, policy_model=PolicyModel(model=model, tokenizer=tok), reward_model=parity_reward,
-                          train_dataloader=ROWS, eval_dataloader=ROWS[:4])
+    trainer = SDPOTrainer(
+        config=config,
+        policy_model=PolicyModel(model=model, tokenizer=tok),
+        reward_model=parity_reward,
+        train_dataloader=ROWS,
+        eval_dataloader=ROWS[:4],
+    )
     final = trainer.train()
     assert "eval/accuracy_greedy" in final and "eval/accuracy_sampled" in final
     run = tmp_path / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2]
-    for key in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "entropy", "policy_loss",
-                "clip_ratio", "grad_norm", "lr", "step_time", "kl", "self_distillation/distillation_loss",
-                "self_distillation/success_group_fraction", "self_distillation/reprompt_sample_fraction",
-                "self_distillation/feedback_used_fraction", "self_distillation/teacher_student_kl"):
+    for key in (
+        "reward",
+        "reward_std",
+        "frac_reward_zero_std",
+        "completions/mean_length",
+        "entropy",
+        "policy_loss",
+        "clip_ratio",
+        "grad_norm",
+        "lr",
+        "step_time",
+        "kl",
+        "self_distillation/distillation_loss",
+        "self_distillation/success_group_fraction",
+        "self_distillation/reprompt_sample_fraction",
+        "self_distillation/feedback_used_fraction",
+        "self_distillation/teacher_student_kl",
+    ):
         assert key in steps[0], key
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 * 2 * 4
     assert {"prompt", "completion", "reward", "feedback", "teacher_prompt"} <= set(samples[0])
     assert any(s["teacher_prompt"] and "Correct solution:" in s["teacher_prompt"] for s in samples)
-    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-000002"]  # keep last K=1
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == [
+        "checkpoint-000002"
+    ]  # keep last K=1
     assert (run / "config.yaml").exists()
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -68,9 +91,18 @@ def _grads(model):
 @pytest.mark.parametrize("teacher", ["ema", "live", "frozen", "trust_region"])
 def test_gradients_do_not_depend_on_micro_batch_size(tmp_path, teacher):
     model, tok = make_tiny_llama()
-    config = make_config(tmp_path, self_distillation__teacher=teacher, self_distillation__distillation_topk=5,
-                         policy_gradient__loss_aggregation="sequence_mean")
-    trainer = SDPOTrainer(config=config, policy_model=PolicyModel(model=model, tokenizer=tok), reward_model=parity_reward, train_dataloader=ROWS)
+    config = make_config(
+        tmp_path,
+        self_distillation__teacher=teacher,
+        self_distillation__distillation_topk=5,
+        policy_gradient__loss_aggregation="sequence_mean",
+    )
+    trainer = SDPOTrainer(
+        config=config,
+        policy_model=PolicyModel(model=model, tokenizer=tok),
+        reward_model=parity_reward,
+        train_dataloader=ROWS,
+    )
     rollouts = trainer.generate(trainer.train_data.next_batch())
     trainer.score(rollouts)
     contexts = trainer.reprompt(rollouts)
@@ -86,13 +118,22 @@ def test_gradients_do_not_depend_on_micro_batch_size(tmp_path, teacher):
     assert grads[1].keys() == grads[len(rollouts)].keys() and grads[1]
     for mb in (3, 1):
         for name, g in grads[len(rollouts)].items():
-            torch.testing.assert_close(grads[mb][name], g, rtol=1e-4, atol=1e-6, msg=f"{name} at micro-batch {mb}")
+            torch.testing.assert_close(
+                grads[mb][name], g, rtol=1e-4, atol=1e-6, msg=f"{name} at micro-batch {mb}"
+            )
 
 
 def test_ema_teacher_moves_toward_student_and_frozen_stays(tmp_path):
     model, tok = make_tiny_llama()
-    config = make_config(tmp_path, self_distillation__teacher_update_rate=0.5, run__max_steps=1, run__save_steps=100)
-    trainer = SDPOTrainer(config=config, policy_model=PolicyModel(model=model, tokenizer=tok), reward_model=parity_reward, train_dataloader=ROWS)
+    config = make_config(
+        tmp_path, self_distillation__teacher_update_rate=0.5, run__max_steps=1, run__save_steps=100
+    )
+    trainer = SDPOTrainer(
+        config=config,
+        policy_model=PolicyModel(model=model, tokenizer=tok),
+        reward_model=parity_reward,
+        train_dataloader=ROWS,
+    )
     initial = {k: v.clone() for k, v in trainer.teacher.copy.state_dict().items()}
     trainer.step()
     student = model.state_dict()
@@ -103,18 +144,40 @@ def test_ema_teacher_moves_toward_student_and_frozen_stays(tmp_path):
 def test_reference_model_only_loaded_when_needed(tmp_path, tiny_llama):
     model, tok = tiny_llama
     policy = PolicyModel(model=model, tokenizer=tok)
-    no_kl = SDPOTrainer(config=make_config(tmp_path, kl_penalty_weight=0.0, teacher="live"), policy_model=policy,
-                        reward_model=parity_reward, train_dataloader=ROWS)
+    no_kl = SDPOTrainer(
+        config=make_config(tmp_path, kl_penalty_weight=0.0, teacher="live"),
+        policy_model=policy,
+        reward_model=parity_reward,
+        train_dataloader=ROWS,
+    )
     assert no_kl.reference is None and no_kl.teacher.copy is None
-    with_kl = SDPOTrainer(config=make_config(tmp_path, kl_penalty_weight=0.1, teacher="frozen"), policy_model=policy,
-                          reward_model=parity_reward, train_dataloader=ROWS)
-    assert with_kl.reference is not None and with_kl.teacher.model is with_kl.reference  # one shared copy
+    with_kl = SDPOTrainer(
+        config=make_config(tmp_path, kl_penalty_weight=0.1, teacher="frozen"),
+        policy_model=policy,
+        reward_model=parity_reward,
+        train_dataloader=ROWS,
+    )
+    assert (
+        with_kl.reference is not None and with_kl.teacher.model is with_kl.reference
+    )  # one shared copy
 
 
 def test_gpt2_and_token_level_and_updates_per_batch(tmp_path, tiny_gpt2):
     model, tok = tiny_gpt2
-    config = make_config(tmp_path, alpha=1.0, distillation_level="token", updates_per_batch=2, lr_scheduler="cosine", warmup_steps=1)
-    trainer = SDPOTrainer(config=config, policy_model=PolicyModel(model=model, tokenizer=tok), reward_model=parity_reward, train_dataloader=ROWS)
+    config = make_config(
+        tmp_path,
+        alpha=1.0,
+        distillation_level="token",
+        updates_per_batch=2,
+        lr_scheduler="cosine",
+        warmup_steps=1,
+    )
+    trainer = SDPOTrainer(
+        config=config,
+        policy_model=PolicyModel(model=model, tokenizer=tok),
+        reward_model=parity_reward,
+        train_dataloader=ROWS,
+    )
     metrics = trainer.step()
     assert torch.isfinite(torch.tensor(metrics["loss"]))
     assert metrics["self_distillation/is_ratio_mean"] <= 2.0 + 1e-6
@@ -128,10 +191,17 @@ def test_feedback_from_reward_model_reaches_teacher_prompt(tmp_path, tiny_llama)
         name = "feedbacky"
 
         def __call__(self, prompts, completions, **columns):
-            return [RewardOutput(0.0, feedback=f"error in attempt {i}") for i in range(len(completions))]
+            return [
+                RewardOutput(0.0, feedback=f"error in attempt {i}") for i in range(len(completions))
+            ]
 
     config = make_config(tmp_path, run__max_steps=1)
-    trainer = SDPOTrainer(config=config, policy_model=PolicyModel(model=model, tokenizer=tok), reward_model=Feedbacky(), train_dataloader=ROWS)
+    trainer = SDPOTrainer(
+        config=config,
+        policy_model=PolicyModel(model=model, tokenizer=tok),
+        reward_model=Feedbacky(),
+        train_dataloader=ROWS,
+    )
     trainer.step()
     contexts = trainer._last_contexts
     assert all(c is not None and c.used_feedback for c in contexts)
@@ -144,7 +214,12 @@ def test_nonfinite_loss_skips_then_stops(tmp_path, tiny_llama, monkeypatch):
 
     model, tok = tiny_llama
     config = make_config(tmp_path, run__max_steps=5, run__max_consecutive_nonfinite=2)
-    trainer = SDPOTrainer(config=config, policy_model=PolicyModel(model=model, tokenizer=tok), reward_model=parity_reward, train_dataloader=ROWS)
+    trainer = SDPOTrainer(
+        config=config,
+        policy_model=PolicyModel(model=model, tokenizer=tok),
+        reward_model=parity_reward,
+        train_dataloader=ROWS,
+    )
     real = trainer_module.policy_terms
 
     def poisoned(*args, **kwargs):  # NaN reaches the loss through the real computation
@@ -157,7 +232,9 @@ def test_nonfinite_loss_skips_then_stops(tmp_path, tiny_llama, monkeypatch):
     with pytest.warns(UserWarning, match="non-finite"):
         trainer.step()
     assert trainer.counters["skipped_nonfinite_steps"] == 1
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # no update applied
+    assert all(
+        torch.equal(before[k], v) for k, v in model.state_dict().items()
+    )  # no update applied
     with pytest.raises(NonFiniteLossError, match="2 steps in a row"), pytest.warns(UserWarning):
         trainer.step()
 
@@ -166,7 +243,12 @@ def test_long_prompts_are_skipped_and_counted(tmp_path, tiny_llama):
     model, tok = tiny_llama
     rows = [{"prompt": "x" * 50}, {"prompt": "short"}]
     config = make_config(tmp_path, max_prompt_length=20, run__max_steps=1)
-    trainer = SDPOTrainer(config=config, policy_model=PolicyModel(model=model, tokenizer=tok), reward_model=parity_reward, train_dataloader=rows)
+    trainer = SDPOTrainer(
+        config=config,
+        policy_model=PolicyModel(model=model, tokenizer=tok),
+        reward_model=parity_reward,
+        train_dataloader=rows,
+    )
     metrics = trainer.step()
     assert metrics["skipped_long_prompts"] == 1
     assert len(trainer._last_rollouts) == 4
@@ -175,8 +257,12 @@ def test_long_prompts_are_skipped_and_counted(tmp_path, tiny_llama):
 def test_dataset_without_prompt_column_says_which_columns_it_found(tmp_path, tiny_llama):
     model, tok = tiny_llama
     with pytest.raises(KeyError, match=r"no 'prompt' column.*\['answer', 'question'\]"):
-        SDPOTrainer(config=make_config(tmp_path), policy_model=PolicyModel(model=model, tokenizer=tok), reward_model=parity_reward,
-                    train_dataloader=[{"question": "1+1", "answer": "2"}])
+        SDPOTrainer(
+            config=make_config(tmp_path),
+            policy_model=PolicyModel(model=model, tokenizer=tok),
+            reward_model=parity_reward,
+            train_dataloader=[{"question": "1+1", "answer": "2"}],
+        )
 
 
 def test_jsonl_and_dataloader_sources(tmp_path, tiny_llama):
@@ -187,7 +273,12 @@ def test_jsonl_and_dataloader_sources(tmp_path, tiny_llama):
     path.write_text("\n".join(json.dumps(r) for r in ROWS))
     policy = PolicyModel(model=model, tokenizer=tok)
     for source in (str(path), DataLoader(ROWS, batch_size=2, shuffle=False)):
-        trainer = SDPOTrainer(config=make_config(tmp_path, run__max_steps=1), policy_model=policy, reward_model=parity_reward, train_dataloader=source)
+        trainer = SDPOTrainer(
+            config=make_config(tmp_path, run__max_steps=1),
+            policy_model=policy,
+            reward_model=parity_reward,
+            train_dataloader=source,
+        )
         trainer.step()
         assert len(trainer._last_rollouts) == 8
         assert trainer._last_rollouts.rows[0]["answer"] in {r["answer"] for r in ROWS}
@@ -214,7 +305,12 @@ def test_seed_usage_example_runs_as_written(tmp_path, monkeypatch):
     )
     policy_model = PolicyModel(config.model_name, device="cpu")
     reward_model = MathRewardModel()
-    trainer = SDPOTrainer(config=config, policy_model=policy_model, reward_model=reward_model, train_dataloader=dataloader)
+    trainer = SDPOTrainer(
+        config=config,
+        policy_model=policy_model,
+        reward_model=reward_model,
+        train_dataloader=dataloader,
+    )
     trainer.train()
     assert (tmp_path / "seed-run" / "checkpoint-000001" / "trainer_state.json").exists()
 

@@ -84,7 +84,9 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, *, policy: Any, modules: dict[str, torch.nn.Module]) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_checkpoint(
+    path: Path, *, policy: Any, modules: dict[str, torch.nn.Module]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load weights into ``policy`` and ``modules`` in place; return (trainer_state, objects)."""
     if not (path / STATE_FILE).exists():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE}).")
@@ -92,7 +94,9 @@ def load_checkpoint(path: Path, *, policy: Any, modules: dict[str, torch.nn.Modu
     for name, module in modules.items():
         file = path / f"{name}.safetensors"
         if not file.exists():
-            raise FileNotFoundError(f"Checkpoint {path} has no {file.name}; was it written with another teacher setting?")
+            raise FileNotFoundError(
+                f"Checkpoint {path} has no {file.name}; was it written with another teacher setting?"
+            )
         load_model(module, str(file), device=str(policy.device))
     objects = {f.stem: torch.load(f, weights_only=False) for f in path.glob("*.pt")}
     return json.loads((path / STATE_FILE).read_text()), objects
@@ -102,7 +106,9 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run directory, oldest first."""
     if not run_dir.is_dir():
         return []
-    found = [p for p in run_dir.iterdir() if CHECKPOINT_RE.match(p.name) and (p / STATE_FILE).exists()]
+    found = [
+        p for p in run_dir.iterdir() if CHECKPOINT_RE.match(p.name) and (p / STATE_FILE).exists()
+    ]
     return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
 
 
@@ -113,7 +119,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     found = list_checkpoints(path)
     if not found:
-        raise FileNotFoundError(f"No complete checkpoint in {path} (expected {path}/checkpoint-NNNNNN/{STATE_FILE}).")
+        raise FileNotFoundError(
+            f"No complete checkpoint in {path} (expected {path}/checkpoint-NNNNNN/{STATE_FILE})."
+        )
     return found[-1]
 
 

@@ -1,9 +1,9 @@
 """The `sdpo` command line.
 
-    sdpo train                                  # the quickstart: demo model, arithmetic task
-    sdpo train --config run.yaml key=value ...  # a config file plus dotted overrides
-    sdpo train --preset paper task=arithmetic   # a preset plus overrides
-    sdpo train --resume runs/sdpo               # continue a run exactly where it stopped
+sdpo train                                  # the quickstart: demo model, arithmetic task
+sdpo train --config run.yaml key=value ...  # a config file plus dotted overrides
+sdpo train --preset paper task=arithmetic   # a preset plus overrides
+sdpo train --resume runs/sdpo               # continue a run exactly where it stopped
 """
 
 from __future__ import annotations
@@ -26,7 +26,11 @@ def _config_help() -> str:
     for key in SDPOConfig.keys():
         fld, _ = SDPOConfig.field_info(key)
         value = default.get(key)
-        shown = repr(value) if not isinstance(value, str) or len(value) < 40 else repr(value[:37] + "...")
+        shown = (
+            repr(value)
+            if not isinstance(value, str) or len(value) < 40
+            else repr(value[:37] + "...")
+        )
         choices = fld.metadata.get("choices")
         extra = f" {{{', '.join(choices)}}}" if choices else ""
         lines.append(f"  {key} = {shown}{extra}\n      {fld.metadata.get('doc', '')}")
@@ -34,7 +38,9 @@ def _config_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdpo", description="Self-Distilled Policy Optimization for language models.")
+    parser = argparse.ArgumentParser(
+        prog="sdpo", description="Self-Distilled Policy Optimization for language models."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser(
         "train",
@@ -43,10 +49,25 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_config_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    train.add_argument("--config", type=Path, help="YAML config file (nested sections or dotted keys).")
-    train.add_argument("--preset", choices=sorted(PRESETS), help="Start from a preset (quickstart when neither --config nor --preset is given).")
-    train.add_argument("--resume", metavar="RUN_DIR", help="Resume the run in RUN_DIR (its config.yaml, newest checkpoint).")
-    train.add_argument("overrides", nargs="*", metavar="key=value", help="Config overrides, e.g. self_distillation.alpha=1.0")
+    train.add_argument(
+        "--config", type=Path, help="YAML config file (nested sections or dotted keys)."
+    )
+    train.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="Start from a preset (quickstart when neither --config nor --preset is given).",
+    )
+    train.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="Resume the run in RUN_DIR (its config.yaml, newest checkpoint).",
+    )
+    train.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="Config overrides, e.g. self_distillation.alpha=1.0",
+    )
     return parser
 
 
@@ -55,7 +76,9 @@ def load_config(args: argparse.Namespace) -> SDPOConfig:
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").exists():
-            raise SystemExit(f"sdpo: --resume {run_dir}: no config.yaml there; give the run directory of an earlier `sdpo train`.")
+            raise SystemExit(
+                f"sdpo: --resume {run_dir}: no config.yaml there; give the run directory of an earlier `sdpo train`."
+            )
         config = SDPOConfig.from_yaml(run_dir / "config.yaml")
         config.run.resume_from = str(run_dir)
         config.run.output_dir = str(run_dir)
@@ -93,11 +116,19 @@ def build_data(config: SDPOConfig) -> tuple[Any, Any, Any]:
     if data.task:
         from sdpo.tasks import load_task, task_reward_model
 
-        return load_task(data.task, "train", seed=config.run.seed), load_task(data.task, "eval", seed=config.run.seed), task_reward_model(data.task)
+        return (
+            load_task(data.task, "train", seed=config.run.seed),
+            load_task(data.task, "eval", seed=config.run.seed),
+            task_reward_model(data.task),
+        )
     if not data.train_file:
-        raise SystemExit("sdpo: no data: set task=arithmetic (or reversal, code) or data.train_file=FILE.jsonl with data.reward=...")
+        raise SystemExit(
+            "sdpo: no data: set task=arithmetic (or reversal, code) or data.train_file=FILE.jsonl with data.reward=..."
+        )
     if not data.reward:
-        raise SystemExit("sdpo: data.train_file needs data.reward (math, code, exact, or module:function).")
+        raise SystemExit(
+            "sdpo: data.train_file needs data.reward (math, code, exact, or module:function)."
+        )
     return data.train_file, data.eval_file, load_reward(data.reward)
 
 
@@ -111,9 +142,22 @@ def train(args: argparse.Namespace) -> int:
         print(f"sdpo: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
     train_rows, eval_rows, reward = build_data(config)
-    print(f"sdpo: model {config.model_name}, task {config.data.task or config.data.train_file}, {config.run.max_steps} steps; run directory {config.run.output_dir}")
-    policy = PolicyModel(config.model_name, device=config.model.device, dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
-    trainer = SDPOTrainer(config=config, policy_model=policy, reward_model=reward, train_dataloader=train_rows, eval_dataloader=eval_rows)
+    print(
+        f"sdpo: model {config.model_name}, task {config.data.task or config.data.train_file}, {config.run.max_steps} steps; run directory {config.run.output_dir}"
+    )
+    policy = PolicyModel(
+        config.model_name,
+        device=config.model.device,
+        dtype=config.model.dtype,
+        trust_remote_code=config.model.trust_remote_code,
+    )
+    trainer = SDPOTrainer(
+        config=config,
+        policy_model=policy,
+        reward_model=reward,
+        train_dataloader=train_rows,
+        eval_dataloader=eval_rows,
+    )
     final = trainer.train()
     first = getattr(trainer, "first_eval", {})
     for key in ("eval/accuracy_greedy", "eval/accuracy_sampled"):

@@ -30,7 +30,9 @@ def _f(default: Any, doc: str, **choices: Any) -> Any:
     return field(default=default, metadata=meta)
 
 
-DEFAULT_REPROMPT_TEMPLATE = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question.\n"
+DEFAULT_REPROMPT_TEMPLATE = (
+    "{prompt}{solution}{feedback}\n\nCorrectly solve the original question.\n"
+)
 DEFAULT_SOLUTION_TEMPLATE = "\nCorrect solution:\n\n{successful_previous_attempt}\n\n"
 DEFAULT_FEEDBACK_TEMPLATE = (
     "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback_raw}\n\n"
@@ -41,10 +43,18 @@ DEFAULT_FEEDBACK_TEMPLATE = (
 class ModelConfig:
     """How the policy model is loaded."""
 
-    dtype: str = _f("auto", "Weights dtype; auto = float32 on CPU, bfloat16 on CUDA.", choices=("auto", "float32", "float16", "bfloat16"))
-    device: str | None = _f(None, "Device to run on (cpu, cuda, cuda:1); None picks CUDA when available.")
+    dtype: str = _f(
+        "auto",
+        "Weights dtype; auto = float32 on CPU, bfloat16 on CUDA.",
+        choices=("auto", "float32", "float16", "bfloat16"),
+    )
+    device: str | None = _f(
+        None, "Device to run on (cpu, cuda, cuda:1); None picks CUDA when available."
+    )
     trust_remote_code: bool = _f(False, "Allow custom model code from the model directory.")
-    max_prompt_length: int = _f(512, "Prompts longer than this many tokens are skipped and counted.", min=1)
+    max_prompt_length: int = _f(
+        512, "Prompts longer than this many tokens are skipped and counted.", min=1
+    )
 
 
 @dataclass
@@ -52,8 +62,12 @@ class GenerationConfig:
     """Sampling of the G rollouts per prompt."""
 
     max_new_tokens: int = _f(64, "Maximum completion length in tokens.", min=1)
-    min_new_tokens: int = _f(0, "Suppress EOS before this many tokens (benchmarks use it to fix the length).", min=0)
-    temperature: float = _f(1.0, "Sampling temperature T (log-probs are computed at the same T).", min_exclusive=0.0)
+    min_new_tokens: int = _f(
+        0, "Suppress EOS before this many tokens (benchmarks use it to fix the length).", min=0
+    )
+    temperature: float = _f(
+        1.0, "Sampling temperature T (log-probs are computed at the same T).", min_exclusive=0.0
+    )
     top_p: float = _f(1.0, "Nucleus sampling mass; 1.0 disables it.", min_exclusive=0.0, max=1.0)
     top_k: int = _f(0, "Sample from the k most likely tokens; 0 disables it.", min=0)
 
@@ -62,25 +76,78 @@ class GenerationConfig:
 class SelfDistillationConfig:
     """The self-teacher: who it is, what context it sees, and how the student is pulled toward it."""
 
-    success_reward_threshold: float = _f(1.0, "Completions with reward >= this are successes (demonstrations).")
-    alpha: float = _f(0.5, "Divergence: 0 = forward KL(teacher||student), 1 = reverse KL, between = alpha-mixture JSD.", min=0.0, max=1.0)
+    success_reward_threshold: float = _f(
+        1.0, "Completions with reward >= this are successes (demonstrations)."
+    )
+    alpha: float = _f(
+        0.5,
+        "Divergence: 0 = forward KL(teacher||student), 1 = reverse KL, between = alpha-mixture JSD.",
+        min=0.0,
+        max=1.0,
+    )
     distillation_weight: float = _f(1.0, "Weight of the distillation loss.", min=0.0)
-    distillation_topk: int | None = _f(None, "Distill on the student's top-k tokens only; None = full vocabulary.", min=1)
-    distillation_add_tail: bool = _f(True, "With top-k, add one tail bucket holding the remaining mass (else renormalize over the k ids).")
-    distillation_level: str = _f("logit", "logit = full/top-k distribution matching; token = sampled-token variant (alpha must be 1).", choices=("logit", "token"))
-    is_clip: float | None = _f(2.0, "Clip of the importance weight pi_theta/pi_old on the distillation loss; None disables it.", min_exclusive=0.0)
-    teacher: str = _f("ema", "Teacher kind: ema copy, frozen initial model, live student, or trust_region lerp.", choices=("ema", "frozen", "live", "trust_region"))
-    teacher_update_rate: float = _f(0.05, "EMA rate beta: phi <- (1-beta) phi + beta theta (trust_region: lerp weight).", min=0.0, max=1.0)
-    dont_reprompt_on_self_success: bool = _f(True, "Never use a completion as its own demonstration.")
-    demonstration_selection: str = _f("first", "Which successful sibling becomes the demonstration.", choices=("first", "random", "shortest"))
-    remove_thinking_from_demonstration: bool = _f(True, "Strip <think>...</think> from demonstrations.")
-    include_environment_feedback: bool = _f(True, "Put the environment's feedback for this completion in the teacher context.")
-    environment_feedback_only_without_solution: bool = _f(True, "Use feedback only when no demonstration is available.")
-    max_reprompt_len: int = _f(2048, "Token limit of the teacher prompt; demonstration/feedback are shortened first.", min=1)
-    reprompt_template: str = _f(DEFAULT_REPROMPT_TEMPLATE, "Teacher prompt; fields {prompt}, {solution}, {feedback}.")
-    solution_template: str = _f(DEFAULT_SOLUTION_TEMPLATE, "Demonstration block; field {successful_previous_attempt}.")
+    distillation_topk: int | None = _f(
+        None, "Distill on the student's top-k tokens only; None = full vocabulary.", min=1
+    )
+    distillation_add_tail: bool = _f(
+        True,
+        "With top-k, add one tail bucket holding the remaining mass (else renormalize over the k ids).",
+    )
+    distillation_level: str = _f(
+        "logit",
+        "logit = full/top-k distribution matching; token = sampled-token variant (alpha must be 1).",
+        choices=("logit", "token"),
+    )
+    is_clip: float | None = _f(
+        2.0,
+        "Clip of the importance weight pi_theta/pi_old on the distillation loss; None disables it.",
+        min_exclusive=0.0,
+    )
+    teacher: str = _f(
+        "ema",
+        "Teacher kind: ema copy, frozen initial model, live student, or trust_region lerp.",
+        choices=("ema", "frozen", "live", "trust_region"),
+    )
+    teacher_update_rate: float = _f(
+        0.05,
+        "EMA rate beta: phi <- (1-beta) phi + beta theta (trust_region: lerp weight).",
+        min=0.0,
+        max=1.0,
+    )
+    dont_reprompt_on_self_success: bool = _f(
+        True, "Never use a completion as its own demonstration."
+    )
+    demonstration_selection: str = _f(
+        "first",
+        "Which successful sibling becomes the demonstration.",
+        choices=("first", "random", "shortest"),
+    )
+    remove_thinking_from_demonstration: bool = _f(
+        True, "Strip <think>...</think> from demonstrations."
+    )
+    include_environment_feedback: bool = _f(
+        True, "Put the environment's feedback for this completion in the teacher context."
+    )
+    environment_feedback_only_without_solution: bool = _f(
+        True, "Use feedback only when no demonstration is available."
+    )
+    max_reprompt_len: int = _f(
+        2048,
+        "Token limit of the teacher prompt; demonstration/feedback are shortened first.",
+        min=1,
+    )
+    reprompt_template: str = _f(
+        DEFAULT_REPROMPT_TEMPLATE, "Teacher prompt; fields {prompt}, {solution}, {feedback}."
+    )
+    solution_template: str = _f(
+        DEFAULT_SOLUTION_TEMPLATE, "Demonstration block; field {successful_previous_attempt}."
+    )
     feedback_template: str = _f(DEFAULT_FEEDBACK_TEMPLATE, "Feedback block; field {feedback_raw}.")
-    loss_chunk_size: int = _f(1024, "Completion positions per chunk when computing logits and divergences (memory O(chunk x vocab)).", min=1)
+    loss_chunk_size: int = _f(
+        1024,
+        "Completion positions per chunk when computing logits and divergences (memory O(chunk x vocab)).",
+        min=1,
+    )
 
 
 @dataclass
@@ -88,11 +155,21 @@ class PolicyGradientConfig:
     """GRPO-style policy gradient and the reference KL penalty."""
 
     pg_loss_weight: float = _f(1.0, "Weight of the clipped policy-gradient loss.", min=0.0)
-    kl_penalty_weight: float = _f(0.01, "Weight of the k3 reference-KL penalty; 0 skips loading a reference model.", min=0.0)
+    kl_penalty_weight: float = _f(
+        0.01, "Weight of the k3 reference-KL penalty; 0 skips loading a reference model.", min=0.0
+    )
     clip_eps_low: float = _f(0.2, "Lower clip epsilon of the ratio (1 - eps_low).", min=0.0)
-    clip_eps_high: float = _f(0.2, "Upper clip epsilon of the ratio (1 + eps_high); DAPO uses 0.28.", min=0.0)
-    scale_rewards: bool = _f(True, "Divide group-centred rewards by the group's std + eps (official SDPO runs: off).")
-    loss_aggregation: str = _f("token_mean", "token_mean (DAPO), sequence_mean (GRPO) or dr_grpo (constant normalizer).", choices=("token_mean", "sequence_mean", "dr_grpo"))
+    clip_eps_high: float = _f(
+        0.2, "Upper clip epsilon of the ratio (1 + eps_high); DAPO uses 0.28.", min=0.0
+    )
+    scale_rewards: bool = _f(
+        True, "Divide group-centred rewards by the group's std + eps (official SDPO runs: off)."
+    )
+    loss_aggregation: str = _f(
+        "token_mean",
+        "token_mean (DAPO), sequence_mean (GRPO) or dr_grpo (constant normalizer).",
+        choices=("token_mean", "sequence_mean", "dr_grpo"),
+    )
 
 
 @dataclass
@@ -104,21 +181,38 @@ class OptimizationConfig:
     adam_beta1: float = _f(0.9, "AdamW beta1.", min=0.0, max=1.0)
     adam_beta2: float = _f(0.999, "AdamW beta2.", min=0.0, max=1.0)
     warmup_steps: int = _f(0, "Linear warm-up steps.", min=0)
-    lr_scheduler: str = _f("constant", "Schedule after warm-up.", choices=("constant", "linear", "cosine"))
-    max_grad_norm: float | None = _f(1.0, "Gradient-norm clip; None disables it.", min_exclusive=0.0)
-    prompts_per_step: int = _f(8, "Prompts B per step when the trainer builds the data loader itself.", min=1)
-    micro_batch_size: int = _f(8, "Completions per forward/backward pass (gradient accumulation over the rest).", min=1)
-    updates_per_batch: int = _f(1, "Optimizer updates per generated batch (>1 reuses it off-policy with IS clipping).", min=1)
+    lr_scheduler: str = _f(
+        "constant", "Schedule after warm-up.", choices=("constant", "linear", "cosine")
+    )
+    max_grad_norm: float | None = _f(
+        1.0, "Gradient-norm clip; None disables it.", min_exclusive=0.0
+    )
+    prompts_per_step: int = _f(
+        8, "Prompts B per step when the trainer builds the data loader itself.", min=1
+    )
+    micro_batch_size: int = _f(
+        8, "Completions per forward/backward pass (gradient accumulation over the rest).", min=1
+    )
+    updates_per_batch: int = _f(
+        1,
+        "Optimizer updates per generated batch (>1 reuses it off-policy with IS clipping).",
+        min=1,
+    )
 
 
 @dataclass
 class DataConfig:
     """Where prompts and rewards come from when the trainer is driven by a config (`sdpo train`)."""
 
-    task: str | None = _f(None, "Built-in task (arithmetic, reversal, code); None = use data.train_file.")
+    task: str | None = _f(
+        None, "Built-in task (arithmetic, reversal, code); None = use data.train_file."
+    )
     train_file: str | None = _f(None, "JSONL file of training rows (a 'prompt' plus any columns).")
     eval_file: str | None = _f(None, "JSONL file of evaluation rows.")
-    reward: str | None = _f(None, "Reward for train_file rows: math, code, exact, or module:function (TRL-style callable).")
+    reward: str | None = _f(
+        None,
+        "Reward for train_file rows: math, code, exact, or module:function (TRL-style callable).",
+    )
 
 
 @dataclass
@@ -135,7 +229,9 @@ class RunConfig:
     save_steps: int = _f(50, "Checkpoint every N steps (and at the end).", min=1)
     save_total_limit: int = _f(2, "Keep the last K checkpoints.", min=1)
     resume_from: str | None = _f(None, "Run directory or checkpoint to resume from.")
-    max_consecutive_nonfinite: int = _f(3, "Stop after this many steps in a row with a non-finite loss.", min=1)
+    max_consecutive_nonfinite: int = _f(
+        3, "Stop after this many steps in a row with a non-finite loss.", min=1
+    )
     progress_bar: bool = _f(True, "Show a progress bar.")
 
 
@@ -154,7 +250,9 @@ SECTIONS: dict[str, type] = {
 class SDPOConfig:
     """The whole configuration of an sdpo run (see the section classes for each field's doc)."""
 
-    model_name: str = _f("demo", "Model path or hub id; 'demo' = the small model shipped with sdpo.")
+    model_name: str = _f(
+        "demo", "Model path or hub id; 'demo' = the small model shipped with sdpo."
+    )
     num_samples_per_prompt: int = _f(4, "Rollouts per prompt G (one group).", min=1)
     model: ModelConfig = field(default_factory=ModelConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -235,7 +333,9 @@ class SDPOConfig:
         """Apply ``key=value`` strings (``self_distillation.alpha=1.0``) in order, then validate."""
         for item in overrides:
             if "=" not in item:
-                raise ValueError(f"Override {item!r} must look like key=value, e.g. self_distillation.alpha=1.0")
+                raise ValueError(
+                    f"Override {item!r} must look like key=value, e.g. self_distillation.alpha=1.0"
+                )
             key, raw = item.split("=", 1)
             self.set(key.strip(), raw.strip())
         self.validate()
@@ -260,16 +360,22 @@ class SDPOConfig:
                 lo, hi = meta.get("min"), meta.get("max")
                 lo_ex = meta.get("min_exclusive")
                 if lo is not None and value < lo:
-                    raise ValueError(f"{key} = {value} is out of range: must be >= {lo}{f' and <= {hi}' if hi is not None else ''}.")
+                    raise ValueError(
+                        f"{key} = {value} is out of range: must be >= {lo}{f' and <= {hi}' if hi is not None else ''}."
+                    )
                 if hi is not None and value > hi:
-                    raise ValueError(f"{key} = {value} is out of range: must be <= {hi}{f' and >= {lo}' if lo is not None else ''}.")
+                    raise ValueError(
+                        f"{key} = {value} is out of range: must be <= {hi}{f' and >= {lo}' if lo is not None else ''}."
+                    )
                 if lo_ex is not None and value <= lo_ex:
                     raise ValueError(f"{key} = {value} is out of range: must be > {lo_ex}.")
         sd = self.self_distillation
         if not math.isfinite(sd.success_reward_threshold):
             raise ValueError("self_distillation.success_reward_threshold must be a finite number.")
         if sd.distillation_level == "token" and sd.alpha != 1.0:
-            raise ValueError("self_distillation.distillation_level = 'token' needs self_distillation.alpha = 1.0 (reverse KL on the sampled token).")
+            raise ValueError(
+                "self_distillation.distillation_level = 'token' needs self_distillation.alpha = 1.0 (reverse KL on the sampled token)."
+            )
         return self
 
     # ----- serialization ------------------------------------------------------------------------
@@ -288,7 +394,9 @@ class SDPOConfig:
     def from_dict(cls, data: dict[str, Any]) -> SDPOConfig:
         """Build from a nested (or flat dotted) dict; unknown keys raise with the closest valid key."""
         if not isinstance(data, dict):
-            raise ValueError(f"A config must be a mapping of keys to values, got {type(data).__name__}.")
+            raise ValueError(
+                f"A config must be a mapping of keys to values, got {type(data).__name__}."
+            )
         return cls(**{k.replace(".", "__"): v for k, v in data.items()})
 
     def to_yaml(self, path: str | Path) -> None:
@@ -348,7 +456,9 @@ def _convert(key: str, value: Any, typ: Any) -> Any:
     args = typing.get_args(typ)
     optional = type(None) in args
     base = next((a for a in args if a is not type(None)), typ) if args else typ
-    if value is None or (isinstance(value, str) and optional and value.strip().lower() in _NONE_STRINGS):
+    if value is None or (
+        isinstance(value, str) and optional and value.strip().lower() in _NONE_STRINGS
+    ):
         if optional:
             return None
         raise ValueError(f"{key} may not be None; expected {base.__name__}.")
@@ -367,7 +477,11 @@ def _convert(key: str, value: Any, typ: Any) -> Any:
             return value
         raise ValueError(f"{key} must be true or false, got {value!r}.")
     if base is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (isinstance(value, float) and not value.is_integer())
+        ):
             raise ValueError(f"{key} must be an integer, got {value!r}.")
         return int(value)
     if base is float:

@@ -45,20 +45,35 @@ def load_rows(source: Any) -> list[dict[str, Any]]:
 def check_row(row: Any, index: int) -> None:
     """Raise a clear error when a row is not a dict with a ``prompt``."""
     if not isinstance(row, dict):
-        raise TypeError(f"Row {index} is a {type(row).__name__}, expected a dict with a 'prompt' key.")
+        raise TypeError(
+            f"Row {index} is a {type(row).__name__}, expected a dict with a 'prompt' key."
+        )
     if "prompt" not in row:
-        raise KeyError(f"Row {index} has no 'prompt' column; it has columns {sorted(row)}. Rename the prompt column to 'prompt'.")
+        raise KeyError(
+            f"Row {index} has no 'prompt' column; it has columns {sorted(row)}. Rename the prompt column to 'prompt'."
+        )
     prompt = row["prompt"]
-    ok = isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt))
+    ok = isinstance(prompt, str) or (
+        isinstance(prompt, list)
+        and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt)
+    )
     if not ok:
-        raise TypeError(f"Row {index}: 'prompt' must be a string or a list of {{'role', 'content'}} messages, got {prompt!r:.80}.")
+        raise TypeError(
+            f"Row {index}: 'prompt' must be a string or a list of {{'role', 'content'}} messages, got {prompt!r:.80}."
+        )
 
 
 def _unbatch(batch: Any) -> list[dict[str, Any]]:
     """A DataLoader batch (list of dicts, or the default collate's dict of lists) as a list of rows."""
     if isinstance(batch, dict):
         n = len(batch["prompt"]) if "prompt" in batch else len(next(iter(batch.values())))
-        return [{k: (v[i] if isinstance(v, (list, tuple, torch.Tensor)) else v) for k, v in batch.items()} for i in range(n)]
+        return [
+            {
+                k: (v[i] if isinstance(v, (list, tuple, torch.Tensor)) else v)
+                for k, v in batch.items()
+            }
+            for i in range(n)
+        ]
     return [dict(r) for r in batch]
 
 
@@ -95,7 +110,9 @@ class PromptSource:
     def _next_from_loader(self) -> list[dict[str, Any]]:
         if self._iter is None:
             self._iter = iter(self.loader)
-            for _ in range(self.index):  # resume: skip what was consumed (exact for seeded samplers)
+            for _ in range(
+                self.index
+            ):  # resume: skip what was consumed (exact for seeded samplers)
                 next(self._iter)
         try:
             batch = next(self._iter)

@@ -16,7 +16,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from sdpo.config import GenerationConfig
 
@@ -68,7 +73,9 @@ class PolicyModel:
     ) -> None:
         if model is None:
             if model_name_or_path is None:
-                raise ValueError("PolicyModel needs a model name/path or an already-built `model=`.")
+                raise ValueError(
+                    "PolicyModel needs a model name/path or an already-built `model=`."
+                )
             model, loaded_tok = _load(model_name_or_path, trust_remote_code)
             tokenizer = tokenizer or loaded_tok
         if tokenizer is None:
@@ -83,10 +90,14 @@ class PolicyModel:
         tokenizer.padding_side = "left"
         head = model.get_output_embeddings()
         if not isinstance(head, torch.nn.Linear):
-            raise ValueError(f"{type(model).__name__}'s LM head is {type(head).__name__}; sdpo needs a linear head.")
+            raise ValueError(
+                f"{type(model).__name__}'s LM head is {type(head).__name__}; sdpo needs a linear head."
+            )
         for attr in ("final_logit_softcapping", "logit_scale"):
             if getattr(model.config, attr, None) not in (None, 1.0):
-                raise ValueError(f"{type(model).__name__} uses {attr}, which sdpo's chunked LM head does not apply yet.")
+                raise ValueError(
+                    f"{type(model).__name__} uses {attr}, which sdpo's chunked LM head does not apply yet."
+                )
 
     # ----- parts ------------------------------------------------------------------------------
 
@@ -104,9 +115,15 @@ class PolicyModel:
         prompt), plain strings through the tokenizer."""
         if isinstance(prompt, list):
             if getattr(self.tokenizer, "chat_template", None) is None:
-                raise ValueError("A chat prompt (list of messages) needs a tokenizer with a chat_template.")
-            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template has its specials
+                raise ValueError(
+                    "A chat prompt (list of messages) needs a tokenizer with a chat_template."
+                )
+            text = self.tokenizer.apply_chat_template(
+                prompt, add_generation_prompt=True, tokenize=False
+            )
+            return self.tokenizer(text, add_special_tokens=False)[
+                "input_ids"
+            ]  # the template has its specials
         return self.tokenizer(prompt)["input_ids"]
 
     def pad_left(self, sequences: list[list[int]]) -> tuple[Tensor, Tensor]:
@@ -141,7 +158,15 @@ class PolicyModel:
         was_training = self.model.training
         self.model.eval()
         try:
-            completion_ids = sample(self.model, ids, mask, generation, self.eos_token_id, self.tokenizer.pad_token_id, greedy=greedy)
+            completion_ids = sample(
+                self.model,
+                ids,
+                mask,
+                generation,
+                self.eos_token_id,
+                self.tokenizer.pad_token_id,
+                greedy=greedy,
+            )
         finally:
             self.model.train(was_training)
         completion_mask = completion_tokens_mask(completion_ids, self.eos_token_id)
@@ -174,7 +199,9 @@ class PolicyModel:
         ids = torch.cat([prompt_ids, completion_ids], dim=1)
         mask = torch.cat([prompt_mask, completion_mask], dim=1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+        out = model.base_model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
+        )
         p, length = prompt_ids.shape[1], completion_ids.shape[1]
         return out.last_hidden_state[:, p - 1 : p - 1 + length]
 
@@ -207,18 +234,31 @@ def sample(
     finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
     tokens = []
     # transformers 5 names the KV-cache argument `cache`; earlier versions `past_key_values`.
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_arg = (
+        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    )
     for step in range(generation.max_new_tokens):
-        out = model(input_ids=inputs, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+        out = model(
+            input_ids=inputs,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_arg: cache},
+        )
         logits = out.logits[:, -1, :].float()
         if step < generation.min_new_tokens:
             logits[:, eos_token_id] = float("-inf")
         if greedy:
             next_tokens = logits.argmax(-1)
         else:
-            probs = _filter(logits / generation.temperature, generation.top_k, generation.top_p).softmax(-1)
+            probs = _filter(
+                logits / generation.temperature, generation.top_k, generation.top_p
+            ).softmax(-1)
             if not torch.isfinite(probs).all():
-                raise RuntimeError("The model produced non-finite probabilities while sampling; its weights are likely corrupted (NaN/inf). Lower the learning rate or resume from an earlier checkpoint.")
+                raise RuntimeError(
+                    "The model produced non-finite probabilities while sampling; its weights are likely corrupted (NaN/inf). Lower the learning rate or resume from an earlier checkpoint."
+                )
             next_tokens = probs.div_(torch.empty_like(probs).exponential_()).argmax(-1)
         next_tokens = next_tokens.masked_fill(finished, pad_token_id)
         tokens.append(next_tokens)
@@ -240,7 +280,9 @@ def _filter(logits: Tensor, top_k: int, top_p: float) -> Tensor:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         remove = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses p
-        logits = logits.masked_fill(torch.zeros_like(remove).scatter(-1, order, remove), float("-inf"))
+        logits = logits.masked_fill(
+            torch.zeros_like(remove).scatter(-1, order, remove), float("-inf")
+        )
     return logits
 
 
@@ -276,10 +318,20 @@ def _load(name: str, trust_remote_code: bool) -> tuple[PreTrainedModel, PreTrain
         raise FileNotFoundError(f"Model path {name!r} does not exist.")
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, local_files_only=offline or path.exists())
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, local_files_only=offline or path.exists())
+        model = AutoModelForCausalLM.from_pretrained(
+            name, trust_remote_code=trust_remote_code, local_files_only=offline or path.exists()
+        )
+        tokenizer = AutoTokenizer.from_pretrained(
+            name, trust_remote_code=trust_remote_code, local_files_only=offline or path.exists()
+        )
     except OSError as exc:
-        where = "this directory" if path.exists() else "the local Hugging Face cache (HF_HUB_OFFLINE=1 is set)" if offline else "the hub or the local cache"
+        where = (
+            "this directory"
+            if path.exists()
+            else "the local Hugging Face cache (HF_HUB_OFFLINE=1 is set)"
+            if offline
+            else "the hub or the local cache"
+        )
         raise FileNotFoundError(
             f"Could not load model {name!r} from {where}: {exc}. Pass a local directory with config.json, "
             "weights and tokenizer files, or model_name='demo' for the model shipped with sdpo."

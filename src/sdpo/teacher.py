@@ -36,7 +36,9 @@ def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
 class Teacher:
     """The teacher of one run. ``reference`` is the initial-model copy when one exists (shared)."""
 
-    def __init__(self, kind: str, policy: PolicyModel, rate: float, reference: PreTrainedModel | None) -> None:
+    def __init__(
+        self, kind: str, policy: PolicyModel, rate: float, reference: PreTrainedModel | None
+    ) -> None:
         if kind not in TEACHER_KINDS:
             raise ValueError(f"Unknown teacher {kind!r}; choose one of {TEACHER_KINDS}.")
         if kind in ("frozen", "trust_region") and reference is None:
@@ -58,7 +60,11 @@ class Teacher:
 
     @torch.no_grad()
     def hidden(
-        self, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor
+        self,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        completion_ids: Tensor,
+        completion_mask: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Teacher hidden states ``[n, L, H']`` at completion positions, LM-head weight ``[V, H']`` and bias."""
         args = (prompt_ids, prompt_mask, completion_ids, completion_mask)

@@ -30,7 +30,13 @@ from torch import Tensor
 from sdpo import checkpoint as ckpt
 from sdpo.config import SDPOConfig
 from sdpo.data import PromptSource, load_rows
-from sdpo.policy_gradient import aggregate_loss, clip_fraction, clipped_surrogate, grpo_advantages, k3_kl
+from sdpo.policy_gradient import (
+    aggregate_loss,
+    clip_fraction,
+    clipped_surrogate,
+    grpo_advantages,
+    k3_kl,
+)
 from sdpo.policy_model import PolicyModel, RolloutBatch
 from sdpo.reprompting import Reprompter, TeacherContext
 from sdpo.reward_model import as_reward_model
@@ -72,7 +78,9 @@ class SDPOTrainer:
         run = config.run
         random.seed(run.seed)
         torch.manual_seed(run.seed)
-        self.train_data = PromptSource(train_dataloader, config.optimization.prompts_per_step, run.seed)
+        self.train_data = PromptSource(
+            train_dataloader, config.optimization.prompts_per_step, run.seed
+        )
         self.eval_rows = load_rows(eval_dataloader) if eval_dataloader is not None else None
         if self.eval_rows is not None and run.eval_max_prompts:
             self.eval_rows = self.eval_rows[: run.eval_max_prompts]
@@ -80,7 +88,9 @@ class SDPOTrainer:
         self.accelerator = Accelerator(cpu=policy_model.device.type == "cpu")
 
         sd, pg = config.self_distillation, config.policy_gradient
-        needs_reference = pg.kl_penalty_weight > 0 or (sd.distillation_weight > 0 and sd.teacher in ("frozen", "trust_region"))
+        needs_reference = pg.kl_penalty_weight > 0 or (
+            sd.distillation_weight > 0 and sd.teacher in ("frozen", "trust_region")
+        )
         self.reference = frozen_copy(policy_model.model) if needs_reference else None
         self.teacher = Teacher(sd.teacher, policy_model, sd.teacher_update_rate, self.reference)
         self.reprompter = Reprompter(sd, tokenizer=policy_model.tokenizer, seed=run.seed)
@@ -119,7 +129,9 @@ class SDPOTrainer:
         self._last_rollouts, self._last_contexts = rollouts, contexts
         return metrics
 
-    def generate(self, rows: list[dict[str, Any]], num_samples: int | None = None, greedy: bool = False) -> RolloutBatch | None:
+    def generate(
+        self, rows: list[dict[str, Any]], num_samples: int | None = None, greedy: bool = False
+    ) -> RolloutBatch | None:
         """Sample G completions per prompt; prompts over ``max_prompt_length`` are skipped and counted."""
         g = num_samples or self.config.num_samples_per_prompt
         encoded, kept = [], []
@@ -131,7 +143,10 @@ class SDPOTrainer:
             encoded.append(ids)
             kept.append(row)
         if not kept:
-            warnings.warn("Every prompt of this batch is longer than model.max_prompt_length; step skipped.", stacklevel=2)
+            warnings.warn(
+                "Every prompt of this batch is longer than model.max_prompt_length; step skipped.",
+                stacklevel=2,
+            )
             return None
         prompt_ids, prompt_mask, completion_ids, completion_mask = self.policy.generate(
             encoded, g, self.config.generation, greedy=greedy
@@ -150,10 +165,14 @@ class SDPOTrainer:
 
     def score(self, rollouts: RolloutBatch) -> None:
         """Rewards and per-rollout feedback from the reward model (columns = the rows' other fields)."""
-        columns = {k: [row.get(k) for row in rollouts.rows] for k in rollouts.rows[0] if k != "prompt"}
+        columns = {
+            k: [row.get(k) for row in rollouts.rows] for k in rollouts.rows[0] if k != "prompt"
+        }
         outputs = self.reward_model(rollouts.prompts, rollouts.completions, **columns)
         if len(outputs) != len(rollouts):
-            raise ValueError(f"Reward model {self.reward_model.name!r} returned {len(outputs)} results for {len(rollouts)} completions.")
+            raise ValueError(
+                f"Reward model {self.reward_model.name!r} returned {len(outputs)} results for {len(rollouts)} completions."
+            )
         rollouts.rewards = torch.tensor([float(o.score) for o in outputs], dtype=torch.float32)
         rollouts.feedback = [o.feedback for o in outputs]
         rollouts.reward_info = [o.info for o in outputs]
@@ -164,10 +183,16 @@ class SDPOTrainer:
             self.reprompter.last_stats = {}
             return [None] * len(rollouts)
         return self.reprompter.build(
-            rollouts.prompts, rollouts.completions, rollouts.rewards.tolist(), rollouts.group_ids.tolist(), feedback=rollouts.feedback
+            rollouts.prompts,
+            rollouts.completions,
+            rollouts.rewards.tolist(),
+            rollouts.group_ids.tolist(),
+            feedback=rollouts.feedback,
         )
 
-    def update(self, rollouts: RolloutBatch, contexts: list[TeacherContext | None]) -> dict[str, float]:
+    def update(
+        self, rollouts: RolloutBatch, contexts: list[TeacherContext | None]
+    ) -> dict[str, float]:
         """Forward -> loss -> backward over micro-batches, then optimizer and teacher updates."""
         prepared = self.prepare(rollouts, contexts)
         metrics: dict[str, float] = {}
@@ -186,11 +211,15 @@ class SDPOTrainer:
             metrics["grad_norm"] = grad_norm
         return metrics
 
-    def prepare(self, rollouts: RolloutBatch, contexts: list[TeacherContext | None]) -> dict[str, Any]:
+    def prepare(
+        self, rollouts: RolloutBatch, contexts: list[TeacherContext | None]
+    ) -> dict[str, Any]:
         """Whole-step quantities: advantages, teacher prompt ids, normalizing counts, old log-probs."""
         device = self.policy.device
         pg = self.config.policy_gradient
-        advantages = grpo_advantages(rollouts.rewards, rollouts.group_ids, scale_rewards=pg.scale_rewards).to(device)
+        advantages = grpo_advantages(
+            rollouts.rewards, rollouts.group_ids, scale_rewards=pg.scale_rewards
+        ).to(device)
         has_teacher = torch.tensor([c is not None for c in contexts], device=device)
         mask = rollouts.completion_mask
         counts = {
@@ -207,12 +236,19 @@ class SDPOTrainer:
             "old_logprobs": self._old_logprobs(rollouts) if reuse else None,
         }
 
-    def accumulate_gradients(self, rollouts: RolloutBatch, prepared: dict[str, Any]) -> dict[str, float] | None:
+    def accumulate_gradients(
+        self, rollouts: RolloutBatch, prepared: dict[str, Any]
+    ) -> dict[str, float] | None:
         """Backward of the step's loss, micro-batch by micro-batch; None if the loss was non-finite."""
         sums: dict[str, float] = {}
         for idx in torch.arange(len(rollouts)).split(self.config.optimization.micro_batch_size):
             loss, parts = self._micro_batch_loss(
-                rollouts, idx, prepared["advantages"], prepared["teacher_prompts"], prepared["old_logprobs"], prepared["counts"]
+                rollouts,
+                idx,
+                prepared["advantages"],
+                prepared["teacher_prompts"],
+                prepared["old_logprobs"],
+                prepared["counts"],
             )
             if not torch.isfinite(loss):
                 return None
@@ -236,7 +272,9 @@ class SDPOTrainer:
         cfg, sd, pg = self.config, self.config.self_distillation, self.config.policy_gradient
         c_ids, c_mask = rollouts.completion_ids[idx], rollouts.completion_mask[idx]
         mask = c_mask.bool()
-        hidden = self.policy.completion_hidden(rollouts.prompt_ids[idx], rollouts.prompt_mask[idx], c_ids, c_mask)
+        hidden = self.policy.completion_hidden(
+            rollouts.prompt_ids[idx], rollouts.prompt_mask[idx], c_ids, c_mask
+        )
         head = self.policy.lm_head
 
         distilled_rows = [j for j, i in enumerate(idx.tolist()) if i in teacher_prompts]
@@ -244,9 +282,15 @@ class SDPOTrainer:
         distill_mask = torch.zeros_like(mask)
         if distilled_rows and sd.distillation_weight > 0:
             sub = torch.tensor(distilled_rows, device=mask.device)
-            t_ids, t_mask = self.policy.pad_left([teacher_prompts[int(idx[j])] for j in distilled_rows])
-            t_hidden, teacher_weight, teacher_bias = self.teacher.hidden(t_ids, t_mask, c_ids[sub], c_mask[sub])
-            teacher_hidden = torch.zeros(*mask.shape, t_hidden.shape[-1], dtype=t_hidden.dtype, device=t_hidden.device)
+            t_ids, t_mask = self.policy.pad_left(
+                [teacher_prompts[int(idx[j])] for j in distilled_rows]
+            )
+            t_hidden, teacher_weight, teacher_bias = self.teacher.hidden(
+                t_ids, t_mask, c_ids[sub], c_mask[sub]
+            )
+            teacher_hidden = torch.zeros(
+                *mask.shape, t_hidden.shape[-1], dtype=t_hidden.dtype, device=t_hidden.device
+            )
             teacher_hidden[sub] = t_hidden
             distill_mask[sub] = mask[sub]
         terms = policy_terms(
@@ -269,10 +313,16 @@ class SDPOTrainer:
         old = logprobs.detach() if old_logprobs is None else old_logprobs[idx]
         loss = logprobs.new_zeros(())
         parts: dict[str, float] = {"entropy_sum": float(terms["entropy"].sum())}
-        agg = dict(num_tokens=counts["num_tokens"], num_sequences=counts["num_sequences"], max_completion_length=counts["max_completion_length"])
+        agg = dict(
+            num_tokens=counts["num_tokens"],
+            num_sequences=counts["num_sequences"],
+            max_completion_length=counts["max_completion_length"],
+        )
 
         if pg.pg_loss_weight > 0:
-            per_token, clipped = clipped_surrogate(logprobs, old, advantages[idx], eps_low=pg.clip_eps_low, eps_high=pg.clip_eps_high)
+            per_token, clipped = clipped_surrogate(
+                logprobs, old, advantages[idx], eps_low=pg.clip_eps_low, eps_high=pg.clip_eps_high
+            )
             pg_loss = aggregate_loss(per_token, c_mask, pg.loss_aggregation, **agg)
             loss = loss + pg.pg_loss_weight * pg_loss
             parts["policy_loss"] = float(pg_loss.detach())
@@ -280,11 +330,28 @@ class SDPOTrainer:
 
         if pg.kl_penalty_weight > 0:
             with torch.no_grad():
-                ref_hidden = self.policy.completion_hidden(rollouts.prompt_ids[idx], rollouts.prompt_mask[idx], c_ids, c_mask, model=self.reference)
+                ref_hidden = self.policy.completion_hidden(
+                    rollouts.prompt_ids[idx],
+                    rollouts.prompt_mask[idx],
+                    c_ids,
+                    c_mask,
+                    model=self.reference,
+                )
                 ref_head = self.reference.get_output_embeddings()
-                ref_terms = policy_terms(ref_hidden[mask], ref_head.weight, c_ids[mask], lm_head_bias=ref_head.bias,
-                                         temperature=cfg.generation.temperature, chunk_size=sd.loss_chunk_size)
-            kl = aggregate_loss(k3_kl(logprobs, _unflatten(ref_terms["logprobs"], mask)), c_mask, pg.loss_aggregation, **agg)
+                ref_terms = policy_terms(
+                    ref_hidden[mask],
+                    ref_head.weight,
+                    c_ids[mask],
+                    lm_head_bias=ref_head.bias,
+                    temperature=cfg.generation.temperature,
+                    chunk_size=sd.loss_chunk_size,
+                )
+            kl = aggregate_loss(
+                k3_kl(logprobs, _unflatten(ref_terms["logprobs"], mask)),
+                c_mask,
+                pg.loss_aggregation,
+                **agg,
+            )
             loss = loss + pg.kl_penalty_weight * kl
             parts["kl"] = float(kl.detach())
 
@@ -294,14 +361,19 @@ class SDPOTrainer:
             if old_logprobs is not None:
                 is_w = importance_weights(terms["logprobs"], old[mask], sd.is_clip)
             d_loss, d_metrics = self_distillation_loss(
-                terms["divergence"].unsqueeze(0), dmask.unsqueeze(0), is_weights=None if is_w is None else is_w.unsqueeze(0), normalizer=max(counts["num_distilled"], 1.0)
+                terms["divergence"].unsqueeze(0),
+                dmask.unsqueeze(0),
+                is_weights=None if is_w is None else is_w.unsqueeze(0),
+                normalizer=max(counts["num_distilled"], 1.0),
             )
             loss = loss + sd.distillation_weight * d_loss
             n_d = float(dmask.sum())
             parts["distillation_loss"] = float(d_loss.detach())
             parts["divergence_sum"] = d_metrics["divergence_mean"] * n_d
             parts["is_ratio_sum"] = d_metrics["is_ratio_mean"] * n_d
-            parts["teacher_student_kl_sum"] = float((terms["logprobs"].detach() - terms["teacher_logprobs"])[dmask].sum())
+            parts["teacher_student_kl_sum"] = float(
+                (terms["logprobs"].detach() - terms["teacher_logprobs"])[dmask].sum()
+            )
         return loss, parts
 
     def _loss_metrics(self, sums: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
@@ -333,20 +405,34 @@ class SDPOTrainer:
         for idx in torch.arange(len(rollouts)).split(self.config.optimization.micro_batch_size):
             c_ids, c_mask = rollouts.completion_ids[idx], rollouts.completion_mask[idx]
             mask = c_mask.bool()
-            h = self.policy.completion_hidden(rollouts.prompt_ids[idx], rollouts.prompt_mask[idx], c_ids, c_mask)
-            lp = policy_terms(h[mask], head.weight, c_ids[mask], lm_head_bias=head.bias, temperature=self.config.generation.temperature,
-                              chunk_size=self.config.self_distillation.loss_chunk_size)["logprobs"]
+            h = self.policy.completion_hidden(
+                rollouts.prompt_ids[idx], rollouts.prompt_mask[idx], c_ids, c_mask
+            )
+            lp = policy_terms(
+                h[mask],
+                head.weight,
+                c_ids[mask],
+                lm_head_bias=head.bias,
+                temperature=self.config.generation.temperature,
+                chunk_size=self.config.self_distillation.loss_chunk_size,
+            )["logprobs"]
             out[idx] = _unflatten(lp, mask).float()
         return out
 
     def _teacher_prompt_ids(self, contexts: list[TeacherContext | None]) -> dict[int, list[int]]:
-        return {i: self.policy.encode_prompt(c.prompt) for i, c in enumerate(contexts) if c is not None}
+        return {
+            i: self.policy.encode_prompt(c.prompt) for i, c in enumerate(contexts) if c is not None
+        }
 
     def _clip_gradients(self) -> float:
         max_norm = self.config.optimization.max_grad_norm
         params = [p for p in self.policy.model.parameters() if p.grad is not None]
         if max_norm is None:
-            return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+            return (
+                float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+                if params
+                else 0.0
+            )
         return float(self.accelerator.clip_grad_norm_(params, max_norm))
 
     def _skip_nonfinite_step(self) -> None:
@@ -354,7 +440,10 @@ class SDPOTrainer:
         self._nonfinite_in_row += 1
         self.counters["skipped_nonfinite_steps"] += 1
         limit = self.config.run.max_consecutive_nonfinite
-        warnings.warn(f"Step {self.global_step + 1}: non-finite loss; step skipped ({self._nonfinite_in_row} in a row).", stacklevel=3)
+        warnings.warn(
+            f"Step {self.global_step + 1}: non-finite loss; step skipped ({self._nonfinite_in_row} in a row).",
+            stacklevel=3,
+        )
         if self._nonfinite_in_row >= limit:
             raise NonFiniteLossError(
                 f"{limit} steps in a row had a non-finite loss; stopping. Lower optimization.learning_rate, "
@@ -368,20 +457,30 @@ class SDPOTrainer:
         return {
             "reward": float(r.mean()),
             "reward_std": float(r.std()) if len(r) > 1 else 0.0,
-            "frac_reward_zero_std": float((groups.std(-1) == 0).float().mean()) if groups.shape[1] > 1 else 1.0,
+            "frac_reward_zero_std": float((groups.std(-1) == 0).float().mean())
+            if groups.shape[1] > 1
+            else 1.0,
             "completions/mean_length": float(lengths.mean()),
-            "completions/clipped_fraction": float((~(rollouts.completion_ids == self.policy.eos_token_id).any(-1)).float().mean()),
-            "accuracy": float((r >= self.config.self_distillation.success_reward_threshold).float().mean()),
+            "completions/clipped_fraction": float(
+                (~(rollouts.completion_ids == self.policy.eos_token_id).any(-1)).float().mean()
+            ),
+            "accuracy": float(
+                (r >= self.config.self_distillation.success_reward_threshold).float().mean()
+            ),
         }
 
     def _build_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
         opt = self.config.optimization
         optimizer = torch.optim.AdamW(
             [p for p in self.policy.model.parameters() if p.requires_grad],
-            lr=opt.learning_rate, betas=(opt.adam_beta1, opt.adam_beta2), weight_decay=opt.weight_decay,
+            lr=opt.learning_rate,
+            betas=(opt.adam_beta1, opt.adam_beta2),
+            weight_decay=opt.weight_decay,
         )
         total = self.config.run.max_steps * opt.updates_per_batch
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(opt.lr_scheduler, opt.warmup_steps, total))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_schedule(opt.lr_scheduler, opt.warmup_steps, total)
+        )
         return optimizer, scheduler
 
     # ----- evaluation -------------------------------------------------------------------------
@@ -401,14 +500,22 @@ class SDPOTrainer:
             for mode in ("greedy", "sampled"):
                 rewards = []
                 for start in range(0, len(self.eval_rows), bs):
-                    rollouts = self.generate(self.eval_rows[start : start + bs], num_samples=1, greedy=mode == "greedy")
+                    rollouts = self.generate(
+                        self.eval_rows[start : start + bs], num_samples=1, greedy=mode == "greedy"
+                    )
                     if rollouts is None:
                         continue
                     self.score(rollouts)
                     rewards.append(rollouts.rewards)
                 r = torch.cat(rewards) if rewards else torch.zeros(0)
                 metrics[f"eval/reward_{mode}"] = float(r.mean()) if len(r) else float("nan")
-                metrics[f"eval/accuracy_{mode}"] = float((r >= self.config.self_distillation.success_reward_threshold).float().mean()) if len(r) else float("nan")
+                metrics[f"eval/accuracy_{mode}"] = (
+                    float(
+                        (r >= self.config.self_distillation.success_reward_threshold).float().mean()
+                    )
+                    if len(r)
+                    else float("nan")
+                )
         self._write_jsonl("metrics.jsonl", {"step": self.global_step, **metrics})
         for cb in self.callbacks:
             if hasattr(cb, "on_evaluate"):
@@ -446,7 +553,10 @@ class SDPOTrainer:
                         cb.on_step_end(self, metrics)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(reward=f"{metrics.get('reward', float('nan')):.3f}", distill=f"{metrics.get('self_distillation/distillation_loss', 0.0):.4f}")
+                    bar.set_postfix(
+                        reward=f"{metrics.get('reward', float('nan')):.3f}",
+                        distill=f"{metrics.get('self_distillation/distillation_loss', 0.0):.4f}",
+                    )
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
@@ -454,7 +564,10 @@ class SDPOTrainer:
                 bar.close()
         if self._stop_requested:
             path = self.save_checkpoint()
-            print(f"\nStopped at step {self.global_step}; checkpoint {path}.\nResume with: sdpo train --resume {self.run_dir}", file=sys.stderr)
+            print(
+                f"\nStopped at step {self.global_step}; checkpoint {path}.\nResume with: sdpo train --resume {self.run_dir}",
+                file=sys.stderr,
+            )
             return self.last_eval
         self.last_eval = self.evaluate()
         for cb in self.callbacks:
@@ -466,7 +579,10 @@ class SDPOTrainer:
         if self._stop_requested:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self._stop_requested = True
-        print("\nCtrl-C: finishing the current step, then saving a checkpoint (Ctrl-C again to abort).", file=sys.stderr)
+        print(
+            "\nCtrl-C: finishing the current step, then saving a checkpoint (Ctrl-C again to abort).",
+            file=sys.stderr,
+        )
 
     # ----- logging & checkpoints --------------------------------------------------------------
 
@@ -480,16 +596,19 @@ class SDPOTrainer:
     def _write_samples(self, rollouts: RolloutBatch, contexts: list[TeacherContext | None]) -> None:
         for i in range(len(rollouts)):
             ctx = contexts[i]
-            self._write_jsonl("samples.jsonl", {
-                "step": self.global_step,
-                "group": int(rollouts.group_ids[i]),
-                "prompt": rollouts.prompts[i],
-                "completion": rollouts.completions[i],
-                "reward": float(rollouts.rewards[i]),
-                "feedback": rollouts.feedback[i],
-                "teacher_prompt": None if ctx is None else ctx.prompt,
-                "demonstration_index": None if ctx is None else ctx.demonstration_index,
-            })
+            self._write_jsonl(
+                "samples.jsonl",
+                {
+                    "step": self.global_step,
+                    "group": int(rollouts.group_ids[i]),
+                    "prompt": rollouts.prompts[i],
+                    "completion": rollouts.completions[i],
+                    "reward": float(rollouts.rewards[i]),
+                    "feedback": rollouts.feedback[i],
+                    "teacher_prompt": None if ctx is None else ctx.prompt,
+                    "demonstration_index": None if ctx is None else ctx.demonstration_index,
+                },
+            )
 
     def _checkpoint_modules(self) -> dict[str, torch.nn.Module]:
         modules = {}
@@ -501,20 +620,41 @@ class SDPOTrainer:
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoint-{step}`` atomically under the run directory."""
-        state = {"global_step": self.global_step, "data": self.train_data.state_dict(), "counters": self.counters,
-                 "nonfinite_in_row": self._nonfinite_in_row, "teacher": self.teacher.kind}
-        objects = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_state()}
+        state = {
+            "global_step": self.global_step,
+            "data": self.train_data.state_dict(),
+            "counters": self.counters,
+            "nonfinite_in_row": self._nonfinite_in_row,
+            "teacher": self.teacher.kind,
+        }
+        objects = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": ckpt.rng_state(),
+        }
         if hasattr(self.reprompter, "rng"):
             objects["reprompter_rng"] = self.reprompter.rng.getstate()
-        return ckpt.save_checkpoint(self.run_dir, self.global_step, policy=self.policy, modules=self._checkpoint_modules(),
-                                    objects=objects, trainer_state=state, config=self.config, keep=self.config.run.save_total_limit)
+        return ckpt.save_checkpoint(
+            self.run_dir,
+            self.global_step,
+            policy=self.policy,
+            modules=self._checkpoint_modules(),
+            objects=objects,
+            trainer_state=state,
+            config=self.config,
+            keep=self.config.run.save_total_limit,
+        )
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore everything a step depends on from a checkpoint (or a run directory's newest)."""
         path = ckpt.resolve_checkpoint(path)
-        state, objects = ckpt.load_checkpoint(path, policy=self.policy, modules=self._checkpoint_modules())
+        state, objects = ckpt.load_checkpoint(
+            path, policy=self.policy, modules=self._checkpoint_modules()
+        )
         if state.get("teacher", self.teacher.kind) != self.teacher.kind:
-            raise ValueError(f"Checkpoint {path} was written with teacher {state['teacher']!r}, this run uses {self.teacher.kind!r}.")
+            raise ValueError(
+                f"Checkpoint {path} was written with teacher {state['teacher']!r}, this run uses {self.teacher.kind!r}."
+            )
         self.optimizer.load_state_dict(objects["optimizer"])
         self.scheduler.load_state_dict(objects["scheduler"])
         ckpt.set_rng_state(objects["rng"])
