@@ -26,18 +26,33 @@ def build_char_tokenizer(chars: list[str] | None = None) -> PreTrainedTokenizerF
     Decoding joins characters without spaces, so ``decode(encode(text)) == text`` for known chars.
     """
     chars = CHARS if chars is None else chars
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + [c for c in chars if c not in SPECIAL_TOKENS])}
+    vocab = {
+        tok: i
+        for i, tok in enumerate(SPECIAL_TOKENS + [c for c in chars if c not in SPECIAL_TOKENS])
+    }
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character, newlines too
+    core.pre_tokenizer = pre_tokenizers.Split(
+        Regex(r"[\s\S]"), behavior="isolated"
+    )  # one token per character, newlines too
     core.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+        tokenizer_object=core,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        padding_side="left",
     )
-    tok.padding_side = "left"
     return tok
 
 
-def tiny_llama_config(vocab_size: int, hidden: int = 128, layers: int = 4, heads: int = 4, intermediate: int = 512, max_positions: int = 512) -> LlamaConfig:
+def tiny_llama_config(
+    vocab_size: int,
+    hidden: int = 128,
+    layers: int = 4,
+    heads: int = 4,
+    intermediate: int = 512,
+    max_positions: int = 512,
+) -> LlamaConfig:
     """Config of a tiny Llama (the demo model's shape by default; tied embeddings)."""
     return LlamaConfig(
         vocab_size=vocab_size,

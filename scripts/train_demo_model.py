@@ -1,0 +1,333 @@
+"""Train the demo model shipped in ``src/sdpo/demo/model`` from scratch (CPU, float32, deterministic).
+
+A ~1M-parameter Llama with a character-level tokenizer learns addition from a mixture:
+
+- plain ``Q: 47+85=`` -> ``132<eos>`` examples with 1-, 2- and 3-digit operands (20/70/10%); the
+  quickstart task is 2-digit addition (``sdpo.tasks.arithmetic`` defaults);
+- questions in the SPEC §3 teacher template with a correct demonstration (target: the demonstrated
+  answer; half of them at the quickstart length), so the model can act as its own teacher;
+- questions in the teacher template with the arithmetic task's feedback on a wrong answer (target:
+  the right answer), so a feedback-only teacher context is familiar too.
+
+Loss is on answer tokens + EOS only (train-split problems only). The copy skill appears first, then
+2-digit addition jumps from ~0% to ~90% within ~100 steps. To stop inside that jump at a calm,
+reproducible point, the script measures greedy accuracy on held-out quickstart problems (a dev set
+from the train split) every ``--eval-every`` steps, cuts the learning rate once the jump starts
+(``--lr-drops``), evaluates every 10 steps from then on, and stops at the first checkpoint whose
+accuracy with a demonstration is >= ``--min-copy`` and whose plain accuracy lies in ``--band``.
+It then reports accuracy on the arithmetic eval split (greedy and sampled at T=1, plain and with a
+correct demonstration), saves the weights and exits non-zero if the required properties fail.
+
+    python scripts/train_demo_model.py [--out DIR] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaForCausalLM
+
+from sdpo.config import DEFAULT_FEEDBACK_TEMPLATE, DEFAULT_REPROMPT_TEMPLATE
+from sdpo.demo import (
+    DEMO_MODEL_DIR,
+    build_char_tokenizer,
+    generate_completions,
+    teacher_prompt,
+    tiny_llama_config,
+)
+from sdpo.tasks import arithmetic, in_split
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--out", type=Path, default=DEMO_MODEL_DIR, help="Directory the weights are saved to."
+    )
+    p.add_argument("--seed", type=int, default=0, help="Seed of initialization, data and sampling.")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads (1: results do not depend on core count, and a busy shared machine does not stall it).",
+    )
+    p.add_argument(
+        "--max-steps", type=int, default=1500, help="Give up (exit 1) after this many steps."
+    )
+    p.add_argument("--lr", type=float, default=2e-3, help="Peak AdamW learning rate.")
+    p.add_argument("--warmup-steps", type=int, default=100, help="Linear warm-up steps.")
+    p.add_argument(
+        "--lr-drops",
+        nargs="*",
+        default=["0.08:0.25", "0.15:0.1"],
+        help="ACC:FACTOR pairs: once plain dev accuracy reaches ACC, the learning rate is FACTOR x peak (slows the jump, calms the checkpoint).",
+    )
+    p.add_argument(
+        "--plain-per-step", type=int, default=128, help="Plain question->answer examples per step."
+    )
+    p.add_argument(
+        "--demo-per-step",
+        type=int,
+        default=48,
+        help="Teacher-template examples with a demonstration per step.",
+    )
+    p.add_argument(
+        "--feedback-per-step",
+        type=int,
+        default=8,
+        help="Teacher-template examples with feedback per step.",
+    )
+    p.add_argument(
+        "--digit-weights",
+        type=float,
+        nargs="+",
+        default=[0.2, 0.7, 0.1],
+        help="Share of 1-, 2-, ..., n-digit plain examples.",
+    )
+    p.add_argument(
+        "--quick-digits",
+        type=int,
+        default=arithmetic.DIGITS,
+        help="Operand digits of the quickstart task (the stopping band is measured on it).",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=25,
+        help="Check the stopping criterion every N steps (every 10 after the first learning-rate drop).",
+    )
+    p.add_argument(
+        "--dev-size",
+        type=int,
+        default=300,
+        help="Held-out quickstart problems for the stopping criterion.",
+    )
+    p.add_argument(
+        "--band",
+        type=float,
+        nargs=2,
+        default=[0.25, 0.45],
+        help="Stop once plain greedy dev accuracy lies in [low, high] ...",
+    )
+    p.add_argument(
+        "--min-copy",
+        type=float,
+        default=0.9,
+        help="... and greedy dev accuracy with a demonstration is at least this.",
+    )
+    p.add_argument(
+        "--save-every-eval",
+        action="store_true",
+        help="Also save a checkpoint at every evaluation (for experiments).",
+    )
+    p.add_argument(
+        "--eval-size",
+        type=int,
+        default=500,
+        help="Arithmetic eval-split prompts of the final report.",
+    )
+    return p.parse_args()
+
+
+class Mixture:
+    """Draws training examples (prompt, answer) from the arithmetic train split only."""
+
+    def __init__(self, rng: random.Random, digit_weights: list[float], quick_digits: int):
+        self.rng = rng
+        self.quick_digits = quick_digits
+        self.digit_weights = digit_weights
+        self.digits = list(range(1, len(digit_weights) + 1))
+
+    def problem(self, digits: int | None = None) -> dict:
+        digits = digits or self.rng.choices(self.digits, self.digit_weights)[0]
+        while True:
+            row = arithmetic.random_problem(self.rng, digits, arithmetic.OPERATIONS)
+            if in_split(row["prompt"], "train", arithmetic.EVAL_FRACTION):
+                return row
+
+    def plain(self) -> tuple[str, str]:
+        row = self.problem()
+        return row["prompt"], row["answer"]
+
+    def demonstration(self) -> tuple[str, str]:
+        # Half at the quickstart length (what RL will show the teacher), half across all lengths.
+        row = self.problem(
+            self.quick_digits if self.rng.random() < 0.5 else self.rng.choice(self.digits)
+        )
+        return teacher_prompt(row["prompt"], row["answer"]), row["answer"]
+
+    def feedback(self) -> tuple[str, str]:
+        row = self.problem(self.quick_digits if self.rng.random() < 0.5 else None)
+        wrong = self.wrong_answer(row["answer"])
+        feedback = DEFAULT_FEEDBACK_TEMPLATE.format(
+            feedback_raw=arithmetic.feedback_for(wrong, row["answer"])
+        )
+        prompt = DEFAULT_REPROMPT_TEMPLATE.format(
+            prompt=row["prompt"], solution="", feedback=feedback
+        )
+        return prompt, row["answer"]
+
+    def wrong_answer(self, answer: str) -> str:
+        """A plausible mistake: one digit off by a little, or a dropped / extra digit."""
+        value = int(answer)
+        kind = self.rng.random()
+        if kind < 0.7:
+            place = 10 ** self.rng.randrange(len(answer))
+            wrong = value + self.rng.choice([-2, -1, 1, 2]) * place
+        elif kind < 0.85:
+            wrong = value // 10
+        else:
+            wrong = value * 10 + self.rng.randrange(10)
+        return str(max(wrong, 0)) if wrong != value and max(wrong, 0) != value else str(value + 1)
+
+
+def encode_batch(
+    tokenizer, examples: list[tuple[str, str]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 except answer + EOS)."""
+    vocab = tokenizer.get_vocab()
+    eos = tokenizer.eos_token_id
+    seqs = [([vocab[c] for c in p], [vocab[c] for c in a] + [eos]) for p, a in examples]
+    width = max(len(p) + len(a) for p, a in seqs)
+    input_ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100)
+    for i, (p, a) in enumerate(seqs):
+        start = width - len(p) - len(a)
+        input_ids[i, start:] = torch.tensor(p + a)
+        attention_mask[i, start:] = 1
+        labels[i, width - len(a) :] = torch.tensor(a)
+    return input_ids, attention_mask, labels
+
+
+def answer_loss(model, tokenizer, examples: list[tuple[str, str]]) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over answer tokens, and how many tokens it covers."""
+    input_ids, attention_mask, labels = encode_batch(tokenizer, examples)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    targets = labels[:, 1:]
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return loss, int((targets != -100).sum())
+
+
+def accuracy(
+    model, tokenizer, rows: list[dict], demonstration: bool, do_sample: bool, seed: int = 0
+) -> float:
+    """Share of ``rows`` answered exactly, plain or with the correct answer as demonstration."""
+    prompts = [
+        teacher_prompt(r["prompt"], r["answer"]) if demonstration else r["prompt"] for r in rows
+    ]
+    torch.manual_seed(seed)
+    completions = generate_completions(model, tokenizer, prompts, do_sample=do_sample)
+    return sum(c.strip() == r["answer"] for c, r in zip(completions, rows, strict=True)) / len(rows)
+
+
+def main() -> int:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    tokenizer = build_char_tokenizer()
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer)))
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01
+    )
+    lr_drops = sorted(tuple(map(float, d.split(":"))) for d in args.lr_drops)
+    lr_scale = 1.0
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_scale * min(1.0, (s + 1) / args.warmup_steps)
+    )
+    mixture = Mixture(rng, args.digit_weights, args.quick_digits)
+    dev = [mixture.problem(args.quick_digits) for _ in range(args.dev_size)]
+    others = [d for d in range(1, len(args.digit_weights) + 1) if d != args.quick_digits]
+    dev_other = {d: [mixture.problem(d) for _ in range(100)] for d in others}
+    print(
+        f"params {sum(p.numel() for p in model.parameters()):,}; quickstart = arithmetic, {args.quick_digits}-digit {arithmetic.OPERATIONS}"
+    )
+
+    start = time.time()
+    next_eval = args.eval_every
+    for step in range(1, args.max_steps + 1):
+        model.train()
+        groups = [
+            [mixture.plain() for _ in range(args.plain_per_step)],
+            [mixture.demonstration() for _ in range(args.demo_per_step)],
+            [mixture.feedback() for _ in range(args.feedback_per_step)],
+        ]
+        losses, tokens = zip(*(answer_loss(model, tokenizer, g) for g in groups if g), strict=True)
+        loss = sum(losses) / sum(tokens)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step < next_eval:
+            continue
+        model.eval()
+        base = accuracy(model, tokenizer, dev, demonstration=False, do_sample=False)
+        copy = accuracy(model, tokenizer, dev[:200], demonstration=True, do_sample=False)
+        other = " ".join(
+            f"{d}-digit {accuracy(model, tokenizer, r, False, False):.2f}"
+            for d, r in dev_other.items()
+        )
+        lr = optimizer.param_groups[0]["lr"]
+        print(
+            f"step {step:5d}  loss {loss.item():.4f}  lr {lr:.1e}  dev plain {base:.3f}  with demonstration {copy:.3f}  ({other})  {time.time() - start:5.0f}s",
+            flush=True,
+        )
+        if args.save_every_eval:
+            model.save_pretrained(args.out / f"step-{step}", safe_serialization=True)
+        if copy >= args.min_copy and args.band[0] <= base <= args.band[1]:
+            break
+        lr_scale = min([lr_scale] + [factor for acc, factor in lr_drops if base >= acc])
+        next_eval = step + (args.eval_every if lr_scale == 1.0 else min(10, args.eval_every))
+    else:
+        print(f"FAILED: the stopping criterion was not met within {args.max_steps} steps")
+        return 1
+    train_seconds = time.time() - start
+
+    model.eval()
+    rows = arithmetic.load("eval", seed=0, n=args.eval_size, digits=args.quick_digits)
+    report = {
+        "step": step,
+        "train_seconds": round(train_seconds),
+        "eval_prompts": len(rows),
+        "base_greedy": accuracy(model, tokenizer, rows, demonstration=False, do_sample=False),
+        "base_sampled": accuracy(
+            model, tokenizer, rows, demonstration=False, do_sample=True, seed=args.seed
+        ),
+        "teacher_greedy": accuracy(model, tokenizer, rows, demonstration=True, do_sample=False),
+        "teacher_sampled": accuracy(
+            model, tokenizer, rows, demonstration=True, do_sample=True, seed=args.seed
+        ),
+    }
+    print(json.dumps(report, indent=2))
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.out, safe_serialization=True)
+    tokenizer.save_pretrained(
+        args.out
+    )  # a standard model directory; load_demo_model() builds its own
+    print(f"saved to {args.out}")
+
+    problems = []
+    if not 0.10 <= report["base_greedy"] <= 0.60:
+        problems.append(f"base greedy accuracy {report['base_greedy']:.3f} is outside [0.10, 0.60]")
+    if report["teacher_greedy"] < 1.5 * report["base_greedy"]:
+        problems.append("accuracy with a demonstration is below 1.5x the base accuracy")
+    if report["base_sampled"] < 0.05:
+        problems.append(
+            f"sampled base accuracy {report['base_sampled']:.3f} leaves RL groups without successes"
+        )
+    for problem in problems:
+        print(f"FAILED: {problem}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
