@@ -6,8 +6,7 @@ import re
 
 import pytest
 
-from sdpo.tasks import TASKS, load_task, task_reward_model
-from sdpo.tasks import arithmetic, reversal
+from sdpo.tasks import TASKS, arithmetic, load_task, reversal, task_reward_model
 
 GENERATED = ["arithmetic", "reversal"]
 
@@ -20,7 +19,9 @@ def test_splits_are_deterministic_and_disjoint(name):
     assert len(train) == len({r["prompt"] for r in train}) > len(evaluation) >= 500
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in evaluation}
     assert load_task(name, "train", seed=1) != train
-    assert not {r["prompt"] for r in load_task(name, "train", seed=1)} & {r["prompt"] for r in evaluation}
+    assert not {r["prompt"] for r in load_task(name, "train", seed=1)} & {
+        r["prompt"] for r in evaluation
+    }
 
 
 def test_arithmetic_answers_are_correct():

@@ -527,8 +527,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optimization.learning_rate": 1e-4,
         "optimization.prompts_per_step": 8,
         "optimization.micro_batch_size": 64,
-        "run.max_steps": 120,
-        "run.save_steps": 50,
+        "run.max_steps": 300,
+        "run.save_steps": 100,
         "run.eval_max_prompts": 500,
     },
     "grpo": {

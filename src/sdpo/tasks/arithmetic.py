@@ -13,7 +13,7 @@ from __future__ import annotations
 import operator
 import random
 
-from sdpo.reward_model import Prompt, RewardModel, RewardOutput
+from sdpo.reward_model import Prompt, RewardModel, RewardOutput, VerifiableRewardModel
 from sdpo.tasks import draw_rows
 
 DIGITS = 2  # digits of each operand (the demo model is mid-way through learning 2-digit sums)
@@ -32,7 +32,9 @@ def make_problem(a: int, b: int, op: str = "+") -> dict:
     return {"prompt": f"Q: {a}{op}{b}=", "answer": str(_APPLY[op](a, b))}
 
 
-def random_problem(rng: random.Random, digits: int = DIGITS, operations: tuple[str, ...] = OPERATIONS) -> dict:
+def random_problem(
+    rng: random.Random, digits: int = DIGITS, operations: tuple[str, ...] = OPERATIONS
+) -> dict:
     """One problem with two ``digits``-digit operands and an operation drawn from ``operations``."""
     low, high = (0 if digits == 1 else 10 ** (digits - 1)), 10**digits - 1
     a, b = rng.randint(low, high), rng.randint(low, high)
@@ -55,7 +57,9 @@ def load(
     operations = OPERATIONS if operations is None else tuple(operations)
     if n is None:
         n = NUM_TRAIN if split == "train" else NUM_EVAL
-    return draw_rows(lambda rng: random_problem(rng, digits, operations), split, n, seed, EVAL_FRACTION)
+    return draw_rows(
+        lambda rng: random_problem(rng, digits, operations), split, n, seed, EVAL_FRACTION
+    )
 
 
 def feedback_for(completion: str, answer: str) -> str | None:
@@ -73,17 +77,20 @@ def feedback_for(completion: str, answer: str) -> str | None:
 
 
 class ArithmeticRewardModel(RewardModel):
-    """1.0 when the completion (stripped) equals the ``answer`` column, else 0.0 with feedback."""
+    """Exact match on ``answer`` (:class:`VerifiableRewardModel`), plus :func:`feedback_for` on misses."""
 
     name = "arithmetic"
 
-    def __call__(self, prompts: list[Prompt], completions: list[str], **columns: list) -> list[RewardOutput]:
-        if "answer" not in columns:
-            raise KeyError(f"The arithmetic reward needs an 'answer' column; got {sorted(columns)}.")
-        outputs = []
-        for completion, answer in zip(completions, columns["answer"], strict=True):
-            feedback = feedback_for(completion, str(answer))
-            outputs.append(RewardOutput(score=float(feedback is None), feedback=feedback))
+    def __init__(self) -> None:
+        self.exact = VerifiableRewardModel(mode="exact", answer_column="answer")
+
+    def __call__(
+        self, prompts: list[Prompt], completions: list[str], **columns: list
+    ) -> list[RewardOutput]:
+        outputs = self.exact(prompts, completions, **columns)
+        for output, completion, answer in zip(outputs, completions, columns["answer"], strict=True):
+            if output.score < 1.0 and output.feedback is None:
+                output.feedback = feedback_for(completion, str(answer))
         return outputs
 
 

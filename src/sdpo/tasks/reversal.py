@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import string
 
-from sdpo.reward_model import Prompt, RewardModel, RewardOutput
+from sdpo.reward_model import RewardModel, VerifiableRewardModel
 from sdpo.tasks import draw_rows
 
 MIN_LENGTH = 4  # letters in the shortest word
@@ -25,7 +25,9 @@ def make_problem(word: str) -> dict:
     return {"prompt": f"Q: reverse {word}=", "answer": word[::-1]}
 
 
-def random_problem(rng: random.Random, min_length: int = MIN_LENGTH, max_length: int = MAX_LENGTH) -> dict:
+def random_problem(
+    rng: random.Random, min_length: int = MIN_LENGTH, max_length: int = MAX_LENGTH
+) -> dict:
     """One problem whose word has between ``min_length`` and ``max_length`` letters."""
     length = rng.randint(min_length, max_length)
     return make_problem("".join(rng.choice(ALPHABET) for _ in range(length)))
@@ -35,23 +37,11 @@ def load(split: str, seed: int = 0, *, n: int | None = None) -> list[dict]:
     """``n`` distinct problems of ``split`` (default: ``NUM_TRAIN`` / ``NUM_EVAL``)."""
     if n is None:
         n = NUM_TRAIN if split == "train" else NUM_EVAL
-    return draw_rows(lambda rng: random_problem(rng, MIN_LENGTH, MAX_LENGTH), split, n, seed, EVAL_FRACTION)
-
-
-class ReversalRewardModel(RewardModel):
-    """1.0 when the completion (stripped) equals the ``answer`` column, else 0.0."""
-
-    name = "reversal"
-
-    def __call__(self, prompts: list[Prompt], completions: list[str], **columns: list) -> list[RewardOutput]:
-        if "answer" not in columns:
-            raise KeyError(f"The reversal reward needs an 'answer' column; got {sorted(columns)}.")
-        return [
-            RewardOutput(score=float(c.strip() == str(a)))
-            for c, a in zip(completions, columns["answer"], strict=True)
-        ]
+    return draw_rows(
+        lambda rng: random_problem(rng, MIN_LENGTH, MAX_LENGTH), split, n, seed, EVAL_FRACTION
+    )
 
 
 def reward_model() -> RewardModel:
     """Exact match on ``answer``."""
-    return ReversalRewardModel()
+    return VerifiableRewardModel(mode="exact", answer_column="answer")
