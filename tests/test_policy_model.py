@@ -107,12 +107,12 @@ def test_sampler_matches_a_plain_forward_and_filters(tiny_gpt2):
     assert kept.tolist() == [[True, True, False, False]]
 
 
-def test_sampling_frequencies_follow_the_distribution(tiny_llama):
-    from sdpo.policy_model import _filter
+def test_sampling_frequencies_follow_the_distribution():
+    from sdpo.policy_model import _draw, _filter
 
     torch.manual_seed(0)
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).repeat(20000, 1)
-    probs = _filter(logits, 0, 1.0).softmax(-1)
-    draws = probs.div_(torch.empty_like(probs).exponential_()).argmax(-1)
-    freq = torch.bincount(draws, minlength=3).float() / len(draws)
-    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.2]), atol=0.015, rtol=0)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.0, 0.2]])).repeat(20000, 1)
+    draws = _draw(_filter(logits, 0, 1.0).softmax(-1))
+    freq = torch.bincount(draws, minlength=4).float() / len(draws)
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.0, 0.2]), atol=0.015, rtol=0)
+    assert freq[2] == 0  # a zero-probability token is never drawn
