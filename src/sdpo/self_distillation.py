@@ -343,8 +343,9 @@ def _token_logprobs(logits: Tensor, token_ids: Tensor) -> tuple[Tensor, Tensor]:
     """``(z_y − logsumexp(z), entropy)`` over the last dim; entropy detached (a metric)."""
     log_normalizer = logits.logsumexp(-1)
     logprobs = logits.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1) - log_normalizer
-    with torch.no_grad():
-        entropy = log_normalizer - (logits.softmax(-1) * logits).sum(-1)
+    with torch.no_grad():  # reuse the normalizer: p = exp(z - logsumexp(z))
+        probs = (logits - log_normalizer.unsqueeze(-1)).exp_()
+        entropy = log_normalizer - probs.mul_(logits).sum(-1)
     return logprobs, entropy
 
 
@@ -525,7 +526,10 @@ def policy_terms(
             teacher_logits = _logits(
                 h_teacher[distilled], teacher_weight, teacher_bias, temperature
             )
-            teacher_logprobs, _ = _token_logprobs(teacher_logits, ids[distilled])
+            # No entropy for the teacher: one logsumexp, not a full softmax pass.
+            teacher_logprobs = teacher_logits.gather(-1, ids[distilled].unsqueeze(-1)).squeeze(
+                -1
+            ) - teacher_logits.logsumexp(-1)
         if level == "logit":
             student_logits = logits if len(distilled) == len(mask) else logits[distilled]
             divergence = _divergence(student_logits, teacher_logits, alpha, topk, add_tail)
