@@ -21,6 +21,11 @@ def parity_reward(prompts, completions, **columns):
     return [float(sum(map(ord, c)) % 2 == 0) for c in completions]
 
 
+def one_success_per_group(prompts, completions, **columns):
+    """Exactly one success per group of 4: it has no demonstration, its siblings do."""
+    return [float(i % 4 == 0) for i in range(len(completions))]
+
+
 def make_config(tmp_path, **overrides) -> SDPOConfig:
     base = dict(
         num_samples_per_prompt=4,
@@ -100,7 +105,7 @@ def test_gradients_do_not_depend_on_micro_batch_size(tmp_path, teacher):
     trainer = SDPOTrainer(
         config=config,
         policy_model=PolicyModel(model=model, tokenizer=tok),
-        reward_model=parity_reward,
+        reward_model=one_success_per_group,
         train_dataloader=ROWS,
     )
     rollouts = trainer.generate(trainer.train_data.next_batch())
