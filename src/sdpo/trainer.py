@@ -476,6 +476,7 @@ class SDPOTrainer:
             lr=opt.learning_rate,
             betas=(opt.adam_beta1, opt.adam_beta2),
             weight_decay=opt.weight_decay,
+            foreach=True,  # one multi-tensor kernel per op; the default on CPU loops per tensor
         )
         total = self.config.run.max_steps * opt.updates_per_batch
         scheduler = torch.optim.lr_scheduler.LambdaLR(
