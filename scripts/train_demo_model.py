@@ -2,21 +2,24 @@
 
 A ~1M-parameter Llama with a character-level tokenizer learns addition from a mixture:
 
-- plain ``Q: 47+85=`` -> ``132<eos>`` examples with 1-, 2- and 3-digit operands (20/70/10%); the
+- plain ``Q: 47+85=`` -> ``132<eos>`` examples with 1-, 2- and 3-digit operands (40/40/20%); the
   quickstart task is 2-digit addition (``sdpo.tasks.arithmetic`` defaults);
 - questions in the SPEC §3 teacher template with a correct demonstration (target: the demonstrated
-  answer; half of them at the quickstart length), so the model can act as its own teacher;
+  answer; half of them at the longest length, half at any), so the model can act as its own teacher;
 - questions in the teacher template with the arithmetic task's feedback on a wrong answer (target:
   the right answer), so a feedback-only teacher context is familiar too.
 
-Loss is on answer tokens + EOS only (train-split problems only). The copy skill appears first, then
-2-digit addition jumps from ~0% to ~90% within ~100 steps. To stop inside that jump at a calm,
-reproducible point, the script measures greedy accuracy on held-out quickstart problems (a dev set
-from the train split) every ``--eval-every`` steps, cuts the learning rate once the jump starts
-(``--lr-drops``), evaluates every 10 steps from then on, and stops at the first checkpoint whose
-accuracy with a demonstration is >= ``--min-copy`` and whose plain accuracy lies in ``--band``.
-It then reports accuracy on the arithmetic eval split (greedy and sampled at T=1, plain and with a
-correct demonstration), saves the weights and exits non-zero if the required properties fail.
+Loss is on answer tokens + EOS only (train-split problems only). With seed 0, 2-digit accuracy
+reaches ~10% by step 300 and then creeps from ~7% to ~17% for 800 steps, held back by the 3-digit
+examples it cannot solve yet, while the copy skill settles (>90% from ~step 650); then it jumps
+(21% at step 1,100, 43% at step 1,125). Every ``--eval-every`` steps the script measures greedy
+accuracy on held-out quickstart problems (a dev set from the train split), plain and with a
+demonstration, and stops at the first checkpoint whose accuracy with a demonstration is >=
+``--min-copy`` and whose plain accuracy lies in ``--band`` (seed 0: step 1,125). It then reports
+accuracy on the arithmetic eval split (greedy and sampled at T=1; plain, with a correct
+demonstration, and with feedback on a wrong answer), saves the weights and exits non-zero if the
+required properties fail. With one thread the run is deterministic: seed 0 reproduces the shipped
+weights bit for bit.
 
     python scripts/train_demo_model.py [--out DIR] [--seed 0]
 """
@@ -62,18 +65,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3, help="Peak AdamW learning rate.")
     p.add_argument("--warmup-steps", type=int, default=100, help="Linear warm-up steps.")
     p.add_argument(
-        "--lr-drops",
-        nargs="*",
-        default=["0.08:0.25", "0.15:0.1"],
-        help="ACC:FACTOR pairs: once plain dev accuracy reaches ACC, the learning rate is FACTOR x peak (slows the jump, calms the checkpoint).",
-    )
-    p.add_argument(
         "--plain-per-step", type=int, default=128, help="Plain question->answer examples per step."
     )
     p.add_argument(
         "--demo-per-step",
         type=int,
-        default=48,
+        default=32,
         help="Teacher-template examples with a demonstration per step.",
     )
     p.add_argument(
@@ -86,7 +83,7 @@ def parse_args() -> argparse.Namespace:
         "--digit-weights",
         type=float,
         nargs="+",
-        default=[0.2, 0.7, 0.1],
+        default=[0.4, 0.4, 0.2],
         help="Share of 1-, 2-, ..., n-digit plain examples.",
     )
     p.add_argument(
@@ -99,7 +96,7 @@ def parse_args() -> argparse.Namespace:
         "--eval-every",
         type=int,
         default=25,
-        help="Check the stopping criterion every N steps (every 10 after the first learning-rate drop).",
+        help="Check the stopping criterion every N steps.",
     )
     p.add_argument(
         "--dev-size",
@@ -137,9 +134,8 @@ def parse_args() -> argparse.Namespace:
 class Mixture:
     """Draws training examples (prompt, answer) from the arithmetic train split only."""
 
-    def __init__(self, rng: random.Random, digit_weights: list[float], quick_digits: int):
+    def __init__(self, rng: random.Random, digit_weights: list[float]):
         self.rng = rng
-        self.quick_digits = quick_digits
         self.digit_weights = digit_weights
         self.digits = list(range(1, len(digit_weights) + 1))
 
@@ -155,14 +151,14 @@ class Mixture:
         return row["prompt"], row["answer"]
 
     def demonstration(self) -> tuple[str, str]:
-        # Half at the quickstart length (what RL will show the teacher), half across all lengths.
+        # Half at the longest length (the hardest to copy), half at any length.
         row = self.problem(
-            self.quick_digits if self.rng.random() < 0.5 else self.rng.choice(self.digits)
+            self.digits[-1] if self.rng.random() < 0.5 else self.rng.choice(self.digits)
         )
         return teacher_prompt(row["prompt"], row["answer"]), row["answer"]
 
-    def feedback(self) -> tuple[str, str]:
-        row = self.problem(self.quick_digits if self.rng.random() < 0.5 else None)
+    def feedback(self, row: dict | None = None) -> tuple[str, str]:
+        row = row or self.problem(self.digits[-1] if self.rng.random() < 0.5 else None)
         wrong = self.wrong_answer(row["answer"])
         feedback = DEFAULT_FEEDBACK_TEMPLATE.format(
             feedback_raw=arithmetic.feedback_for(wrong, row["answer"])
@@ -217,12 +213,16 @@ def answer_loss(model, tokenizer, examples: list[tuple[str, str]]) -> tuple[torc
 
 
 def accuracy(
-    model, tokenizer, rows: list[dict], demonstration: bool, do_sample: bool, seed: int = 0
+    model,
+    tokenizer,
+    rows: list[dict],
+    demonstration: bool,
+    do_sample: bool,
+    seed: int = 0,
+    key: str = "prompt",
 ) -> float:
-    """Share of ``rows`` answered exactly, plain or with the correct answer as demonstration."""
-    prompts = [
-        teacher_prompt(r["prompt"], r["answer"]) if demonstration else r["prompt"] for r in rows
-    ]
+    """Share of ``rows`` answered exactly: prompted by ``row[key]``, or with the answer as demonstration."""
+    prompts = [teacher_prompt(r["prompt"], r["answer"]) if demonstration else r[key] for r in rows]
     torch.manual_seed(seed)
     completions = generate_completions(model, tokenizer, prompts, do_sample=do_sample)
     return sum(c.strip() == r["answer"] for c, r in zip(completions, rows, strict=True)) / len(rows)
@@ -238,12 +238,10 @@ def main() -> int:
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01
     )
-    lr_drops = sorted(tuple(map(float, d.split(":"))) for d in args.lr_drops)
-    lr_scale = 1.0
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_scale * min(1.0, (s + 1) / args.warmup_steps)
+        optimizer, lambda s: min(1.0, (s + 1) / args.warmup_steps)
     )
-    mixture = Mixture(rng, args.digit_weights, args.quick_digits)
+    mixture = Mixture(rng, args.digit_weights)
     dev = [mixture.problem(args.quick_digits) for _ in range(args.dev_size)]
     others = [d for d in range(1, len(args.digit_weights) + 1) if d != args.quick_digits]
     dev_other = {d: [mixture.problem(d) for _ in range(100)] for d in others}
@@ -252,7 +250,6 @@ def main() -> int:
     )
 
     start = time.time()
-    next_eval = args.eval_every
     for step in range(1, args.max_steps + 1):
         model.train()
         groups = [
@@ -267,26 +264,23 @@ def main() -> int:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        if step < next_eval:
+        if step % args.eval_every:
             continue
         model.eval()
         base = accuracy(model, tokenizer, dev, demonstration=False, do_sample=False)
-        copy = accuracy(model, tokenizer, dev[:200], demonstration=True, do_sample=False)
+        copy = accuracy(model, tokenizer, dev[:100], demonstration=True, do_sample=False)
         other = " ".join(
             f"{d}-digit {accuracy(model, tokenizer, r, False, False):.2f}"
             for d, r in dev_other.items()
         )
-        lr = optimizer.param_groups[0]["lr"]
         print(
-            f"step {step:5d}  loss {loss.item():.4f}  lr {lr:.1e}  dev plain {base:.3f}  with demonstration {copy:.3f}  ({other})  {time.time() - start:5.0f}s",
+            f"step {step:5d}  loss {loss.item():.4f}  dev plain {base:.3f}  with demonstration {copy:.3f}  ({other})  {time.time() - start:5.0f}s",
             flush=True,
         )
         if args.save_every_eval:
             model.save_pretrained(args.out / f"step-{step}", safe_serialization=True)
         if copy >= args.min_copy and args.band[0] <= base <= args.band[1]:
             break
-        lr_scale = min([lr_scale] + [factor for acc, factor in lr_drops if base >= acc])
-        next_eval = step + (args.eval_every if lr_scale == 1.0 else min(10, args.eval_every))
     else:
         print(f"FAILED: the stopping criterion was not met within {args.max_steps} steps")
         return 1
@@ -294,6 +288,9 @@ def main() -> int:
 
     model.eval()
     rows = arithmetic.load("eval", seed=0, n=args.eval_size, digits=args.quick_digits)
+    wrong_answers = Mixture(random.Random(f"eval:{args.seed}"), args.digit_weights)
+    for row in rows:  # the arithmetic reward's feedback on a plausible wrong answer
+        row["feedback_prompt"] = wrong_answers.feedback(row)[0]
     report = {
         "step": step,
         "train_seconds": round(train_seconds),
@@ -305,6 +302,12 @@ def main() -> int:
         "teacher_greedy": accuracy(model, tokenizer, rows, demonstration=True, do_sample=False),
         "teacher_sampled": accuracy(
             model, tokenizer, rows, demonstration=True, do_sample=True, seed=args.seed
+        ),
+        "feedback_teacher_greedy": accuracy(
+            model, tokenizer, rows, demonstration=False, do_sample=False, key="feedback_prompt"
+        ),
+        "feedback_teacher_sampled": accuracy(
+            model, tokenizer, rows, False, do_sample=True, seed=args.seed, key="feedback_prompt"
         ),
     }
     print(json.dumps(report, indent=2))
