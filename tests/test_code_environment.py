@@ -151,6 +151,14 @@ def test_timeout_stops_the_remaining_cases(judge):
     assert verdicts(out) == ["timeout", "not_run", "not_run"] and out.info["cases"][0]["timed_out"]
 
 
+def test_cpu_time_limit_is_reported_as_a_time_limit(isolation):
+    # The CPU-time limit fires long before the wall clock: still a timeout, not a "runtime error".
+    judge = CodeExecutionRewardModel(sandbox_config=SandboxConfig(wall_time_s=8.0, cpu_time_s=1.0))
+    out = score(judge, "def solve(a, b):\n    while True:\n        pass\n")
+    assert out.feedback.startswith("Time limit exceeded on test 1"), out.feedback
+    assert verdicts(out) == ["timeout", "not_run", "not_run"] and out.info["cases"][0]["timed_out"]
+
+
 def test_feedback_is_capped_with_a_marker(isolation):
     judge = CodeExecutionRewardModel(feedback_max_chars=300)
     out = judge([""], [fenced("def solve(a, b):\n    return 'x' * 5000\n")], tests=[CALL_TESTS])[0]

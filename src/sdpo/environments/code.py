@@ -209,7 +209,8 @@ def run_case(case, code):
             report = {}
     except ValueError:
         report = {}
-    if timed_out:
+    cpu_limit = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGXCPU
+    if timed_out or cpu_limit:  # the wall-clock deadline or the CPU-time limit, whichever came first
         record["status"] = "timeout"
     elif over:
         record["status"] = "output_limit"
