@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sdpo.config import GenerationConfig
@@ -116,3 +117,51 @@ def test_sampling_frequencies_follow_the_distribution():
     freq = torch.bincount(draws, minlength=4).float() / len(draws)
     torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.0, 0.2]), atol=0.015, rtol=0)
     assert freq[2] == 0  # a zero-probability token is never drawn
+
+
+def test_distinct_rows_keep_first_appearance_order():
+    from sdpo.policy_model import _distinct_rows
+
+    ids = torch.tensor([[0, 7, 8], [0, 7, 8], [5, 6, 9], [0, 7, 8], [5, 6, 9], [0, 0, 8]])
+    mask = (ids != 0).long()
+    first, inverse = _distinct_rows(ids, mask)
+    assert first.tolist() == [0, 2, 5] and inverse.tolist() == [0, 0, 1, 0, 1, 2]
+    assert torch.equal(ids[first][inverse], ids)
+    assert _distinct_rows(ids[[0, 2, 5]], mask[[0, 2, 5]]) is None
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_shared_prompt_pass_equals_the_single_pass_with_gradients(arch, tiny_llama, tiny_gpt2):
+    """Rows with the same prompt share one prompt pass (KV cache expanded to the rows): the hidden
+    states and the parameter gradients equal those of one pass over [prompt | completion]."""
+    model, tok = tiny_llama if arch == "llama" else tiny_gpt2
+    model.eval()  # no dropout (GPT-2), so that the two passes see the same function
+    policy = PolicyModel(model=model, tokenizer=tok)
+    torch.manual_seed(3)
+    p_ids, p_mask, c_ids, c_mask = policy.generate(
+        [policy.encode_prompt("x"), policy.encode_prompt("hello there")],
+        3,
+        GenerationConfig(max_new_tokens=6),
+    )
+    grads, hiddens = [], []
+    for share in (False, True):
+        model.zero_grad()
+        hidden = policy.completion_hidden(p_ids, p_mask, c_ids, c_mask, share_prompts=share)
+        (hidden * c_mask.unsqueeze(-1)).pow(2).sum().backward()
+        hiddens.append(hidden.detach()[c_mask.bool()])
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    torch.testing.assert_close(hiddens[1], hiddens[0], rtol=1e-4, atol=1e-5)
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
+
+
+def test_shared_prefill_samples_what_one_prompt_at_a_time_samples(tiny_llama):
+    """G copies of a prompt share the prefill; greedy rows equal the single-copy greedy row."""
+    model, tok = tiny_llama
+    policy = PolicyModel(model=model, tokenizer=tok)
+    prompts = [policy.encode_prompt("ab"), policy.encode_prompt("hello")]
+    config = GenerationConfig(max_new_tokens=6, min_new_tokens=6)
+    _, _, one, _ = policy.generate(prompts, 1, config, greedy=True)
+    _, _, three, _ = policy.generate(prompts, 3, config, greedy=True)
+    assert torch.equal(three, one.repeat_interleave(3, dim=0))

@@ -188,22 +188,82 @@ class PolicyModel:
         completion_ids: Tensor,
         completion_mask: Tensor,
         model: PreTrainedModel | None = None,
+        *,
+        share_prompts: bool = True,
     ) -> Tensor:
         """Hidden states that predict each completion token: ``[n, L, H]``.
 
         Runs the backbone of ``model`` (default: the policy) on ``[prompt | completion]`` with
         position ids from the attention mask (so left padding does not shift positions, matching
         ``generate``); position ``P-1+j`` predicts completion token ``j``.
+
+        With ``share_prompts`` (default), rows whose prompt rows are identical (the G samples of a
+        group; the teacher prompts of a group's failed rows, which all carry the same
+        demonstration) share one pass over the prompt: the backbone runs once per distinct prompt
+        with a KV cache, the cache is expanded to the n rows, and only the completions run per row.
+        The result equals the single pass up to float rounding, gradients included.
         """
         model = self.model if model is None else model
-        ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model.base_model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
+        backbone = model.base_model
+        shared = _distinct_rows(prompt_ids, prompt_mask) if share_prompts else None
+        if shared is None or completion_ids.shape[1] < 2:
+            ids = torch.cat([prompt_ids, completion_ids], dim=1)
+            mask = torch.cat([prompt_mask, completion_mask], dim=1)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = backbone(
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
+            )
+            p, length = prompt_ids.shape[1], completion_ids.shape[1]
+            return out.last_hidden_state[:, p - 1 : p - 1 + length]
+        from transformers import DynamicCache
+
+        first, inverse = shared
+        cache = DynamicCache()
+        cache_arg = _cache_kwarg(backbone)
+        p_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        prefix = backbone(
+            input_ids=prompt_ids[first],
+            attention_mask=prompt_mask[first],
+            position_ids=p_positions[first],
+            use_cache=True,
+            **{cache_arg: cache},
         )
-        p, length = prompt_ids.shape[1], completion_ids.shape[1]
-        return out.last_hidden_state[:, p - 1 : p - 1 + length]
+        cache.batch_select_indices(inverse)
+        # The last prompt position predicts completion token 0; completion token j predicts j+1.
+        mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prompt_ids.shape[1] :]
+        rest = backbone(
+            input_ids=completion_ids[:, :-1],
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{cache_arg: cache},
+        )
+        head = prefix.last_hidden_state[:, -1:][inverse]
+        return torch.cat([head, rest.last_hidden_state], dim=1)
+
+
+def _distinct_rows(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(first, inverse)`` with ``ids[first][inverse] == ids`` (same for the mask): the first row
+    of each distinct ``(ids, mask)`` row and, per row, its distinct row. None if all are distinct."""
+    _, inverse = torch.unique(torch.cat([ids, mask], dim=1), dim=0, return_inverse=True)
+    n_distinct = int(inverse.max()) + 1 if inverse.numel() else 0
+    if n_distinct == ids.shape[0]:
+        return None
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    first = torch.full((n_distinct,), ids.shape[0], dtype=rows.dtype, device=ids.device)
+    first = first.scatter_reduce(0, inverse, rows, reduce="amin")
+    # Renumber so that distinct rows keep their order of first appearance.
+    order = torch.argsort(first)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(n_distinct, device=ids.device)
+    return first[order], rank[inverse]
+
+
+def _cache_kwarg(module: torch.nn.Module) -> str:
+    """transformers 5 names the KV-cache argument ``cache``; earlier versions ``past_key_values``."""
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 @torch.no_grad()
@@ -232,20 +292,23 @@ def sample(
     inputs = prompt_ids
     finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
     tokens = []
-    # transformers 5 names the KV-cache argument `cache`; earlier versions `past_key_values`.
-    cache_arg = (
-        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    )
+    cache_arg = _cache_kwarg(model)
+    # The G copies of a prompt share one prefill; the cache is then expanded to all rows.
+    rows = _distinct_rows(prompt_ids, prompt_mask)
     for step in range(generation.max_new_tokens):
+        select = step == 0 and rows is not None
         out = model(
-            input_ids=inputs,
-            attention_mask=mask,
-            position_ids=positions,
+            input_ids=inputs[rows[0]] if select else inputs,
+            attention_mask=mask[rows[0]] if select else mask,
+            position_ids=positions[rows[0]] if select else positions,
             use_cache=True,
             logits_to_keep=1,
             **{cache_arg: cache},
         )
         logits = out.logits[:, -1, :].float()
+        if select:
+            cache.batch_select_indices(rows[1])
+            logits = logits[rows[1]]
         if step < generation.min_new_tokens:
             logits[:, eos_token_id] = float("-inf")
         if greedy:
