@@ -460,24 +460,39 @@ def test_chunked_without_grad_needs_no_checkpoint():
 
 
 @pytest.mark.parametrize(
-    "level,alpha,topk", [("logit", 0.5, None), ("logit", 1.0, 4), ("token", 1.0, None)]
+    "level,alpha,topk,add_tail",
+    [
+        ("logit", 0.5, None, True),
+        ("logit", 0.0, None, True),
+        ("logit", 1.0, 4, True),
+        ("logit", 0.5, 4, True),
+        ("logit", 0.0, 4, False),
+        ("logit", 0.3, 1, True),
+        ("logit", 0.5, 23, True),  # k = V: the tail is empty (clamped), no gradient through it
+        ("token", 1.0, None, True),
+    ],
 )
-def test_policy_terms_is_one_pass_of_the_separate_functions(level, alpha, topk):
+@pytest.mark.parametrize("all_distilled", [False, True])
+def test_policy_terms_is_one_pass_of_the_separate_functions(
+    level, alpha, topk, add_tail, all_distilled
+):
+    """policy_terms' hand-written backward equals autograd through the separate functions."""
     h_s, h_t, weight, b = _head(n=9, bias=True, dtype=torch.float64)
     teacher_weight = torch.randn(23, 6, dtype=torch.float64)
     ids = torch.randint(0, 23, (9,), generator=torch.Generator().manual_seed(1))
-    distill_mask = torch.tensor([1, 1, 0, 1, 0, 0, 1, 1, 1], dtype=torch.bool)
+    distill_mask = torch.tensor([1, 1, 0, 1, 0, 0, 1, 1, 1], dtype=torch.bool) | all_distilled
     kwargs = dict(temperature=0.9, lm_head_bias=b)
     terms = policy_terms(
         h_s, weight, ids, teacher_hidden=h_t, teacher_weight=teacher_weight, distill_mask=distill_mask,
-        alpha=alpha, topk=topk, level=level, chunk_size=4, **kwargs,
+        alpha=alpha, topk=topk, add_tail=add_tail, level=level, chunk_size=4, **kwargs,
     )  # fmt: skip
     logprobs, entropy = chunked_token_logprobs(h_s, weight, ids, with_entropy=True, **kwargs)
     teacher_logprobs = chunked_token_logprobs(h_t, teacher_weight, ids, temperature=0.9)
     if level == "logit":
         divergence = chunked_token_divergence(
-            h_s, h_t, weight, alpha=alpha, topk=topk, teacher_weight=teacher_weight, **kwargs
-        )
+            h_s, h_t, weight, alpha=alpha, topk=topk, add_tail=add_tail,
+            teacher_weight=teacher_weight, **kwargs,
+        )  # fmt: skip
     else:
         divergence = token_level_divergence(logprobs, teacher_logprobs)
     divergence = divergence * distill_mask

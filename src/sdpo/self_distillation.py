@@ -339,14 +339,118 @@ def _map_chunks(
     return tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
 
 
-def _token_logprobs(logits: Tensor, token_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """``(z_y − logsumexp(z), entropy)`` over the last dim; entropy detached (a metric)."""
-    log_normalizer = logits.logsumexp(-1)
-    logprobs = logits.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1) - log_normalizer
-    with torch.no_grad():  # reuse the normalizer: p = exp(z - logsumexp(z))
-        probs = (logits - log_normalizer.unsqueeze(-1)).exp_()
-        entropy = log_normalizer - probs.mul_(logits).sum(-1)
-    return logprobs, entropy
+class _HeadTerms(torch.autograd.Function):
+    """Sampled-token log-probs, entropy and divergence from one chunk of student logits.
+
+    Inputs: ``logits [n, V]`` (float, at least 32-bit, with gradient), ``token_ids [n]``, and for
+    distillation ``teacher_logits [d, V]`` (a scratch buffer the caller hands over; it may be
+    overwritten), its ``teacher_lse [d]`` (``logsumexp``) and ``distilled [d]`` (row indices).
+    Outputs: ``logprobs [n] = z_y − lse(z)``, ``entropy [n]`` (not differentiable) and
+    ``divergence [d]`` (:func:`token_divergence` at the distilled rows; empty without a teacher).
+
+    The backward is written out instead of recorded op by op: with ``p = softmax(z)`` and upstream
+    gradients ``g_y`` (log-probs) and ``g_D`` (divergence),
+
+    ``∂L/∂z = p ⊙ c + onehot(y)·g_y + sparse``, ``c = −g_y + g_D·κ``,
+
+    where, on the student's top-k support ``K`` with ``P_K = Σ_K p``, ``u = ∂D/∂(s_K, tail)`` from
+    :func:`_block_divergence_` and ``tail = log(1 − P_K)``:
+    ``κ = −Σ_K u + u_tail·P_K/(1 − P_K)`` and ``sparse_j = g_D·(u_j − u_tail·p_j/(1 − P_K))`` for
+    ``j ∈ K`` (no tail: ``u_tail = 0``). For the full vocabulary ``κ = 0`` and ``sparse`` is the
+    dense closed-form ``g_D·∂D/∂z``. The backward thus costs one ``exp`` pass over ``[n, V]`` and
+    one buffer, where op-by-op autograd needs several passes and zero-filled buffers (log-softmax,
+    top-k, gather and row-index backwards, and their sum).
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        logits: Tensor,
+        token_ids: Tensor,
+        teacher_logits: Tensor | None,
+        teacher_lse: Tensor | None,
+        distilled: Tensor | None,
+        alpha: float,
+        topk: int | None,
+        add_tail: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        lse = logits.logsumexp(-1)
+        logprobs = logits.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1) - lse
+        probs = (logits - lse.unsqueeze(-1)).exp_()
+        entropy = lse - probs.mul_(logits).sum(-1)
+        del probs
+        ctx.mode = None
+        if teacher_logits is not None and distilled.numel() > 0:
+            ctx.mode = "full" if topk is None else "topk"
+        saved = [logits, lse, token_ids]
+        if ctx.mode is None:
+            divergence = logits.new_zeros(0)
+        elif ctx.mode == "full":
+            # The closed form overwrites its student buffer with ∂D/∂z: never the saved logits.
+            all_rows = distilled.numel() == logits.shape[0]
+            student = logits.clone() if all_rows else logits[distilled]
+            divergence = _divergence_and_grad_(student, teacher_logits, alpha)
+            saved += [distilled, student]
+        else:
+            student = logits if distilled.numel() == logits.shape[0] else logits[distilled]
+            top, support = student.topk(min(topk, logits.shape[-1]), dim=-1)
+            s = top - lse[distilled].unsqueeze(-1)
+            t = teacher_logits.gather(-1, support) - teacher_lse.unsqueeze(-1)
+            if add_tail:
+                log_mass = s.logsumexp(-1, keepdim=True)  # log P_K
+                s_tail, t_tail = _log1mexp(log_mass), _log1mexp(t.logsumexp(-1, keepdim=True))
+                u = torch.cat([s, s_tail], dim=-1)
+                divergence = _divergence_and_grad_(u, torch.cat([t, t_tail], dim=-1), alpha)
+                # _log1mexp clamps log P_K just below 0; where it does, the tail has no gradient.
+                u_tail = u[:, -1:] * (log_mass < -torch.finfo(log_mass.dtype).eps)
+                u, scale = u[:, :-1], u_tail / s_tail.exp()  # u_tail / (1 − P_K)
+                kappa = -u.sum(-1) + (scale * log_mass.exp()).squeeze(-1)
+                sparse = u - scale * s.exp()
+            else:
+                u = s.clone()
+                divergence = _divergence_and_grad_(u, t.contiguous(), alpha)
+                kappa, sparse = -u.sum(-1), u
+            saved += [distilled, support, sparse, kappa]
+        ctx.save_for_backward(*saved)
+        ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy, divergence
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(
+        ctx, grad_logprobs: Tensor, grad_entropy: Tensor, grad_divergence: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        logits, lse, token_ids, *rest = ctx.saved_tensors
+        coef = -grad_logprobs
+        if ctx.mode == "topk":
+            distilled, support, sparse, kappa = rest
+            coef = coef.index_add(0, distilled, grad_divergence * kappa)
+        grad = (logits - lse.unsqueeze(-1)).exp_().mul_(coef.unsqueeze(-1))
+        grad.scatter_add_(-1, token_ids.unsqueeze(-1), grad_logprobs.unsqueeze(-1))
+        if ctx.mode == "topk":
+            rows = distilled.unsqueeze(-1).expand_as(support)
+            values = sparse * grad_divergence.unsqueeze(-1)
+            grad.index_put_((rows, support), values, accumulate=True)
+        elif ctx.mode == "full":
+            distilled, dense = rest
+            grad.index_add_(0, distilled, dense * grad_divergence.unsqueeze(-1))
+        return grad, None, None, None, None, None, None, None
+
+
+def _head_terms(
+    logits: Tensor,
+    token_ids: Tensor,
+    teacher_logits: Tensor | None = None,
+    teacher_lse: Tensor | None = None,
+    distilled: Tensor | None = None,
+    alpha: float = 0.5,
+    topk: int | None = None,
+    add_tail: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:class:`_HeadTerms`: ``logprobs [n]``, ``entropy [n]``, ``divergence [d]``."""
+    return _HeadTerms.apply(
+        logits, token_ids, teacher_logits, teacher_lse, distilled, float(alpha), topk, add_tail
+    )
 
 
 def chunked_token_divergence(
@@ -438,7 +542,7 @@ def chunked_token_logprobs(
     def chunk_logprobs(
         h: Tensor, ids: Tensor, weight: Tensor, bias: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        return _token_logprobs(_logits(h, weight, bias, temperature), ids)
+        return _head_terms(_logits(h, weight, bias, temperature), ids)[:2]
 
     rows = [hidden.flatten(0, -2), token_ids.reshape(-1)]
     logprobs, entropy = _map_chunks(
@@ -517,9 +621,8 @@ def policy_terms(
         bias: Tensor | None,
     ) -> tuple[Tensor, ...]:
         logits = _logits(h, weight, bias, temperature)
-        logprobs, entropy = _token_logprobs(logits, ids)
         if h_teacher is None:
-            return logprobs, entropy
+            return _head_terms(logits, ids)[:2]
         # The teacher pass costs only where there is a teacher.
         distilled = mask.nonzero().squeeze(-1)
         with torch.no_grad():
@@ -527,13 +630,15 @@ def policy_terms(
                 h_teacher[distilled], teacher_weight, teacher_bias, temperature
             )
             # No entropy for the teacher: one logsumexp, not a full softmax pass.
-            teacher_logprobs = teacher_logits.gather(-1, ids[distilled].unsqueeze(-1)).squeeze(
-                -1
-            ) - teacher_logits.logsumexp(-1)
+            teacher_lse = teacher_logits.logsumexp(-1)
+            token_logits = teacher_logits.gather(-1, ids[distilled].unsqueeze(-1)).squeeze(-1)
+            teacher_logprobs = token_logits - teacher_lse
         if level == "logit":
-            student_logits = logits if len(distilled) == len(mask) else logits[distilled]
-            divergence = _divergence(student_logits, teacher_logits, alpha, topk, add_tail)
+            logprobs, entropy, divergence = _head_terms(
+                logits, ids, teacher_logits, teacher_lse, distilled, alpha, topk, add_tail
+            )
         else:
+            logprobs, entropy, _ = _head_terms(logits, ids)
             divergence = token_level_divergence(logprobs[distilled], teacher_logprobs)
         zeros = logprobs.new_zeros(logprobs.shape)
         return (
