@@ -206,6 +206,25 @@ def test_extreme_logits_stay_finite(alpha, topk, add_tail):
     assert torch.isfinite(student.grad).all()
 
 
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("topk,add_tail", [*SUPPORTS, (12, True)])
+def test_policy_terms_with_extreme_logits_stay_finite(alpha, topk, add_tail):
+    """Near-deterministic distributions (logits +-1e4) through the fused LM-head pass."""
+    torch.manual_seed(5)
+    hidden = torch.randn(8, 12).sign().requires_grad_()
+    weight = (1e4 * torch.eye(12)).requires_grad_()
+    teacher_hidden = torch.randn(8, 12).sign()
+    ids = torch.randint(0, 12, (8,))
+    terms = policy_terms(
+        hidden, weight, ids, teacher_hidden=teacher_hidden, alpha=alpha, topk=topk,
+        add_tail=add_tail, distill_mask=torch.arange(8) % 4 > 0,
+    )  # fmt: skip
+    (terms["logprobs"].sum() + terms["divergence"].sum()).backward()
+    for name in ("logprobs", "entropy", "divergence", "teacher_logprobs"):
+        assert torch.isfinite(terms[name]).all(), name
+    assert torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
+
+
 def test_half_precision_logits_are_computed_in_float32():
     torch.manual_seed(6)
     student, teacher = torch.randn(4, 32), torch.randn(4, 32)

@@ -314,9 +314,9 @@ def sample(
         if greedy:
             next_tokens = logits.argmax(-1)
         else:
-            probs = _filter(
-                logits / generation.temperature, generation.top_k, generation.top_p
-            ).softmax(-1)
+            if generation.temperature != 1.0:
+                logits = logits / generation.temperature
+            probs = _filter(logits, generation.top_k, generation.top_p).softmax(-1)
             next_tokens = _draw(probs)
         next_tokens = next_tokens.masked_fill(finished, pad_token_id)
         tokens.append(next_tokens)
