@@ -159,6 +159,15 @@ def test_cpu_time_limit_is_reported_as_a_time_limit(isolation):
     assert verdicts(out) == ["timeout", "not_run", "not_run"] and out.info["cases"][0]["timed_out"]
 
 
+def test_ignoring_the_cpu_limit_signal_is_still_a_time_limit(isolation):
+    # SIGXCPU ignored: the hard limit's SIGKILL one second later is a timeout too.
+    judge = CodeExecutionRewardModel(sandbox_config=SandboxConfig(wall_time_s=8.0, cpu_time_s=1.0))
+    code = "import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\nwhile True:\n    pass\n"
+    out = score(judge, code)
+    assert out.feedback.startswith("Time limit exceeded on test 1"), out.feedback
+    assert verdicts(out)[0] == "timeout"
+
+
 def test_feedback_is_capped_with_a_marker(isolation):
     judge = CodeExecutionRewardModel(feedback_max_chars=300)
     out = judge([""], [fenced("def solve(a, b):\n    return 'x' * 5000\n")], tests=[CALL_TESTS])[0]

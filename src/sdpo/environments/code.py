@@ -32,7 +32,7 @@ from sdpo.sandbox import SandboxConfig, detect_isolation, run_many
 # Runs inside the sandbox as the program's judge. Reads <16-digit length><spec JSON> from stdin;
 # the nonce that follows stays unread until every case is over.
 HARNESS = r"""
-import builtins, json, linecache, os, select, signal, sys, time, traceback
+import builtins, json, linecache, os, resource, select, signal, sys, time, traceback
 
 
 def read_exact(n):
@@ -155,7 +155,7 @@ def run_case(case, code):
     while True:
         now = time.monotonic()
         if status is None:
-            done, st = os.waitpid(pid, os.WNOHANG)
+            done, st, usage = os.wait4(pid, os.WNOHANG)
             if done:
                 status, exited_at = st, now
         if status is not None and (not open_fds or now - exited_at > 0.05):
@@ -191,7 +191,7 @@ def run_case(case, code):
     except OSError:
         pass  # nothing left to kill
     if status is None:
-        status = os.waitpid(pid, 0)[1]
+        _, status, usage = os.wait4(pid, 0)
     while True:  # reap what the case left behind (this process is their subreaper)
         try:
             if os.waitpid(-1, 0 if spec["kill_all"] else os.WNOHANG)[0] == 0:
@@ -209,7 +209,13 @@ def run_case(case, code):
             report = {}
     except ValueError:
         report = {}
-    cpu_limit = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGXCPU
+    # The CPU-time limit: SIGXCPU at the soft limit, SIGKILL at the hard one (SIGXCPU ignored).
+    sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+    soft = resource.getrlimit(resource.RLIMIT_CPU)[0]
+    cpu_used = usage.ru_utime + usage.ru_stime
+    cpu_limit = sig == signal.SIGXCPU or (
+        sig == signal.SIGKILL and soft != resource.RLIM_INFINITY and cpu_used >= soft - 0.05
+    )
     if timed_out or cpu_limit:  # the wall-clock deadline or the CPU-time limit, whichever came first
         record["status"] = "timeout"
     elif over:
@@ -255,7 +261,7 @@ _VERDICTS = {
 }
 _SIGNALS = {
     "SIGSEGV": "a segmentation fault (often a stack overflow from very deep recursion)",
-    "SIGKILL": "SIGKILL (a CPU-time or memory limit)",
+    "SIGKILL": "SIGKILL (often memory exhaustion)",
     "SIGXCPU": "the CPU-time limit",
     "SIGXFSZ": "the file-size limit (the program wrote too large a file)",
     "SIGABRT": "an abort (often memory exhaustion)",
