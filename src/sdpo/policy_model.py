@@ -205,7 +205,9 @@ class PolicyModel:
         """
         model = self.model if model is None else model
         backbone = model.base_model
-        shared = _distinct_rows(prompt_ids, prompt_mask) if share_prompts else None
+        cache_arg = _cache_kwarg(backbone)
+        share = share_prompts and cache_arg is not None
+        shared = _distinct_rows(prompt_ids, prompt_mask) if share else None
         if shared is None or completion_ids.shape[1] < 2:
             ids = torch.cat([prompt_ids, completion_ids], dim=1)
             mask = torch.cat([prompt_mask, completion_mask], dim=1)
@@ -219,7 +221,6 @@ class PolicyModel:
 
         first, inverse = shared
         cache = DynamicCache()
-        cache_arg = _cache_kwarg(backbone)
         p_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
         prefix = backbone(
             input_ids=prompt_ids[first],
@@ -260,10 +261,15 @@ def _distinct_rows(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor] | None:
     return first[order], rank[inverse]
 
 
-def _cache_kwarg(module: torch.nn.Module) -> str:
-    """transformers 5 names the KV-cache argument ``cache``; earlier versions ``past_key_values``."""
+def _cache_kwarg(module: torch.nn.Module) -> str | None:
+    """transformers 5 names the KV-cache argument ``cache``; earlier versions ``past_key_values``.
+    None when the module's forward takes neither (and no ``**kwargs``)."""
     params = inspect.signature(module.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    has_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return "past_key_values" if has_kwargs else None
 
 
 @torch.no_grad()
@@ -292,7 +298,7 @@ def sample(
     inputs = prompt_ids
     finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
     tokens = []
-    cache_arg = _cache_kwarg(model)
+    cache_arg = _cache_kwarg(model) or "past_key_values"
     # The G copies of a prompt share one prefill; the cache is then expanded to all rows.
     rows = _distinct_rows(prompt_ids, prompt_mask)
     for step in range(generation.max_new_tokens):
