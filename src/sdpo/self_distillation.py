@@ -165,22 +165,35 @@ def _log1mexp(log_x: Tensor) -> Tensor:
 
 
 def _student_topk_support(
-    student_logits: Tensor, teacher_logits: Tensor, topk: int, add_tail: bool
-) -> tuple[Tensor, Tensor]:
-    """Both sides' log-probs on the student's top-k ids (full-vocabulary normalized) [+ tail]."""
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    topk: int,
+    add_tail: bool,
+    student_lse: Tensor | None = None,
+    teacher_lse: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Both sides' log-probs on the student's top-k ids (full-vocabulary normalized) [+ tail].
+
+    Returns ``s, t [..., k(+1)]`` and the ids ``[..., k]``. ``student_lse``/``teacher_lse``
+    (``logsumexp`` over the last dim, ``[...]``) skip recomputing the normalizers.
+    """
     dtype = _compute_dtype(student_logits, teacher_logits)
     student_logits = student_logits.to(dtype)
     teacher_logits = teacher_logits.to(dtype)
+    if student_lse is None:
+        student_lse = student_logits.logsumexp(-1)
+    if teacher_lse is None:
+        teacher_lse = teacher_logits.logsumexp(-1)
     k = min(topk, student_logits.shape[-1])
     student_top, ids = student_logits.topk(k, dim=-1)
-    s = student_top - student_logits.logsumexp(-1, keepdim=True)
-    t = teacher_logits.gather(-1, ids) - teacher_logits.logsumexp(-1, keepdim=True)
+    s = student_top - student_lse.unsqueeze(-1)
+    t = teacher_logits.gather(-1, ids) - teacher_lse.unsqueeze(-1)
     if add_tail:
         s = torch.cat([s, _log1mexp(s.logsumexp(-1, keepdim=True))], dim=-1)
         t = torch.cat([t, _log1mexp(t.logsumexp(-1, keepdim=True))], dim=-1)
     # Without a tail the k gathered values are renormalized by the log-softmax inside
     # _block_divergence_; with one they already sum to 1 and that log-softmax is the identity.
-    return s, t
+    return s, t, ids
 
 
 def _check_divergence_args(alpha: float, topk: int | None) -> None:
@@ -234,7 +247,7 @@ def _divergence(
 ) -> Tensor:
     """:func:`token_divergence` on a teacher buffer it may overwrite (full vocabulary)."""
     if topk is not None:
-        student_logits, teacher_logits = _student_topk_support(
+        student_logits, teacher_logits, _ = _student_topk_support(
             student_logits, teacher_logits, topk, add_tail
         )
     return _LogitDivergence.apply(student_logits, teacher_logits, float(alpha))
@@ -396,22 +409,20 @@ class _HeadTerms(torch.autograd.Function):
             saved += [distilled, student]
         else:
             student = logits if distilled.numel() == logits.shape[0] else logits[distilled]
-            top, support = student.topk(min(topk, logits.shape[-1]), dim=-1)
-            s = top - lse[distilled].unsqueeze(-1)
-            t = teacher_logits.gather(-1, support) - teacher_lse.unsqueeze(-1)
+            s, t, support = _student_topk_support(
+                student, teacher_logits, topk, add_tail, lse[distilled], teacher_lse
+            )
+            u = s.clone()  # becomes ∂D/∂s
+            divergence = _divergence_and_grad_(u, t.contiguous(), alpha)
             if add_tail:
+                s, tail = s[:, :-1], s[:, -1:]  # tail = log(1 − P_K)
                 log_mass = s.logsumexp(-1, keepdim=True)  # log P_K
-                s_tail, t_tail = _log1mexp(log_mass), _log1mexp(t.logsumexp(-1, keepdim=True))
-                u = torch.cat([s, s_tail], dim=-1)
-                divergence = _divergence_and_grad_(u, torch.cat([t, t_tail], dim=-1), alpha)
                 # _log1mexp clamps log P_K just below 0; where it does, the tail has no gradient.
                 u_tail = u[:, -1:] * (log_mass < -torch.finfo(log_mass.dtype).eps)
-                u, scale = u[:, :-1], u_tail / s_tail.exp()  # u_tail / (1 − P_K)
+                u, scale = u[:, :-1], u_tail / tail.exp()  # u_tail / (1 − P_K)
                 kappa = -u.sum(-1) + (scale * log_mass.exp()).squeeze(-1)
                 sparse = u - scale * s.exp()
             else:
-                u = s.clone()
-                divergence = _divergence_and_grad_(u, t.contiguous(), alpha)
                 kappa, sparse = -u.sum(-1), u
             saved += [distilled, support, sparse, kappa]
         ctx.save_for_backward(*saved)
