@@ -4,6 +4,8 @@ sdpo train                                  # the quickstart: demo model, arithm
 sdpo train --config run.yaml key=value ...  # a config file plus dotted overrides
 sdpo train --preset paper task=arithmetic   # a preset plus overrides
 sdpo train --resume runs/sdpo               # continue a run exactly where it stopped
+sdpo eval runs/sdpo --baseline demo         # mean@n, pass@k, maj@k; paired difference
+sdpo plot runs/a runs/b -o curves.png       # training curves
 """
 
 from __future__ import annotations
@@ -68,7 +70,67 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="key=value",
         help="Config overrides, e.g. self_distillation.alpha=1.0",
     )
+    _add_eval_parser(sub)
     return parser
+
+
+def _add_eval_parser(sub: Any) -> None:
+    ev = sub.add_parser(
+        "eval",
+        help="Evaluate a model: mean@n, pass@k, maj@k, greedy accuracy (writes eval.json).",
+        description=(
+            "Evaluate a model on a task's eval split or a JSONL file: greedy accuracy, mean@n, "
+            "pass@k for every k <= n (unbiased), maj@k where answers can be compared, mean "
+            "completion length. Writes per-prompt counts and every figure to eval.json."
+        ),
+        epilog=(
+            "examples:\n"
+            "  sdpo eval demo --samples 8\n"
+            "  sdpo eval runs/sdpo --baseline demo          # trained vs initial, paired CI\n"
+            "  sdpo eval runs/sdpo --checkpoint 100 --teacher\n"
+            "  sdpo eval ./my-model data.eval_file=test.jsonl data.reward=math"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ev.add_argument(
+        "model",
+        help="demo, a hub id in the local cache, a model directory, a checkpoint, or a run directory.",
+    )
+    ev.add_argument(
+        "--checkpoint",
+        metavar="NAME",
+        help="In a run directory: final, checkpoint-000300 or a step (default: final/, else the newest checkpoint).",
+    )
+    ev.add_argument(
+        "--teacher",
+        action="store_true",
+        help="Evaluate the checkpoint's EMA teacher, not the policy.",
+    )
+    ev.add_argument("--samples", type=int, default=8, help="Sampled completions per prompt n.")
+    ev.add_argument(
+        "--temperature", type=float, help="Sampling temperature (default: generation.temperature)."
+    )
+    ev.add_argument(
+        "--max-prompts",
+        type=int,
+        help="Evaluate the first N prompts (default: run.eval_max_prompts).",
+    )
+    ev.add_argument("--seed", type=int, default=0, help="Seed of the sampling stream.")
+    ev.add_argument(
+        "--baseline",
+        metavar="OTHER",
+        help="A second model, evaluated on the same prompts with the same seed; prints the paired difference.",
+    )
+    ev.add_argument("--batch-size", type=int, default=64, help="Completions generated per call.")
+    ev.add_argument(
+        "-o", "--output", type=Path, default=Path("eval.json"), help="Where to write the JSON."
+    )
+    ev.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="Config keys, e.g. task=reversal or data.eval_file=x.jsonl data.reward=math.",
+    )
 
 
 def load_config(args: argparse.Namespace) -> SDPOConfig:
@@ -168,11 +230,125 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def eval_config(run_dir: Path | None, overrides: list[str]) -> SDPOConfig:
+    """The config an evaluation reads data/generation keys from: the run's, else the quickstart's."""
+    config = (
+        SDPOConfig.from_yaml(run_dir / "config.yaml")
+        if run_dir is not None
+        else SDPOConfig.preset("quickstart")
+    )
+    return config.apply_overrides(overrides)
+
+
+def eval_data(config: SDPOConfig) -> tuple[list[dict[str, Any]], Any]:
+    """(eval rows, reward) from a built-in task's eval split or ``data.eval_file``."""
+    from sdpo.data import load_rows
+    from sdpo.reward_model import as_reward_model
+
+    data = config.data
+    if data.task:
+        from sdpo.tasks import load_task, task_reward_model
+
+        return load_task(data.task, "eval", seed=config.run.seed), task_reward_model(data.task)
+    if not data.eval_file or not data.reward:
+        raise SystemExit(
+            "sdpo eval: no data: set task=arithmetic (or reversal, code) or data.eval_file=FILE.jsonl data.reward=..."
+        )
+    return load_rows(data.eval_file), as_reward_model(load_reward(data.reward))
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from sdpo import evaluation as ev
+
+    try:
+        _, _, run_dir = ev.resolve_model(args.model, args.checkpoint, args.teacher)
+        config = eval_config(run_dir, args.overrides)
+        if args.temperature is not None:
+            config.set("generation.temperature", args.temperature)
+            config.validate()
+        if args.samples < 1:
+            raise ValueError(f"--samples must be >= 1, got {args.samples}.")
+    except (KeyError, ValueError, FileNotFoundError) as exc:
+        print(f"sdpo eval: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    rows, reward = eval_data(config)
+    limit = args.max_prompts or config.run.eval_max_prompts
+    rows = rows[:limit] if limit else rows
+
+    def run(spec: str, checkpoint: str | None, teacher: bool) -> ev.EvalResult:
+        policy, _ = ev.load_policy(
+            spec,
+            checkpoint,
+            teacher,
+            device=config.model.device,
+            dtype=config.model.dtype,
+            trust_remote_code=config.model.trust_remote_code,
+        )
+        return ev.evaluate_policy(
+            policy,
+            reward,
+            rows,
+            generation=config.generation,
+            num_samples=args.samples,
+            success_threshold=config.self_distillation.success_reward_threshold,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            max_prompt_length=config.model.max_prompt_length,
+        )
+
+    print(
+        f"sdpo eval: {args.model}{' (EMA teacher)' if args.teacher else ''} on "
+        f"{config.data.task or config.data.eval_file}: {len(rows)} prompts x {args.samples} samples, "
+        f"temperature {config.generation.temperature}, seed {args.seed}",
+        file=sys.stderr,
+    )
+    try:
+        result = run(args.model, args.checkpoint, args.teacher)
+        base = run(args.baseline, None, False) if args.baseline else None
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"sdpo eval: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    report: dict[str, Any] = {
+        "model": args.model,
+        "checkpoint": args.checkpoint,
+        "weights": "teacher" if args.teacher else "policy",
+        "data": config.data.task or config.data.eval_file,
+        "num_samples": args.samples,
+        "temperature": config.generation.temperature,
+        "max_new_tokens": config.generation.max_new_tokens,
+        "seed": args.seed,
+        "success_threshold": config.self_distillation.success_reward_threshold,
+        "skipped_prompts": result.skipped_prompts,
+        "metrics": result.metrics,
+        "per_prompt": result.records,
+    }
+    columns = {args.model: result.metrics}
+    differences = None
+    if base is not None:
+        differences = ev.paired_differences(result.records, base.records, seed=args.seed)
+        columns[args.baseline] = base.metrics
+        report["baseline"] = {
+            "model": args.baseline,
+            "metrics": base.metrics,
+            "per_prompt": base.records,
+        }
+        report["difference"] = differences
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=1))
+    print(ev.format_table(columns, differences))
+    print(f"Wrote {args.output}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     if args.command == "train":
         return train(args)
+    if args.command == "eval":
+        return evaluate(args)
     return 1
 
 

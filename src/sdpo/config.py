@@ -225,6 +225,9 @@ class RunConfig:
     logging_steps: int = _f(1, "Write metrics every N steps.", min=1)
     eval_steps: int = _f(0, "Evaluate every N steps (0 = only at the start and the end).", min=0)
     eval_max_prompts: int | None = _f(None, "Evaluate on at most this many eval prompts.", min=1)
+    eval_num_samples: int = _f(
+        1, "Sampled completions per eval prompt n (mean@n, pass@k and maj@k for k <= n).", min=1
+    )
     sample_log_steps: int = _f(10, "Write sample records to samples.jsonl every N steps.", min=1)
     save_steps: int = _f(50, "Checkpoint every N steps (and at the end).", min=1)
     save_total_limit: int = _f(2, "Keep the last K checkpoints.", min=1)

@@ -30,6 +30,7 @@ from torch import Tensor
 from sdpo import checkpoint as ckpt
 from sdpo.config import SDPOConfig
 from sdpo.data import PromptSource, load_rows
+from sdpo.evaluation import evaluate_policy
 from sdpo.policy_gradient import (
     aggregate_loss,
     clip_fraction,
@@ -486,37 +487,27 @@ class SDPOTrainer:
 
     # ----- evaluation -------------------------------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean reward and accuracy (reward >= success threshold) on the eval set, greedy and sampled.
+        """Greedy and sampled accuracy, pass@k and maj@k on the eval set (``eval/`` + the names of
+        :func:`sdpo.evaluation.summarize`; the same code as ``sdpo eval``).
 
         Runs on its own random stream, so evaluating does not change what training samples next.
         """
         if not self.eval_rows:
             return {}
-        metrics: dict[str, float] = {}
-        bs = max(self.config.optimization.prompts_per_step * self.config.num_samples_per_prompt, 1)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.run.seed + 7919)
-            for mode in ("greedy", "sampled"):
-                rewards = []
-                for start in range(0, len(self.eval_rows), bs):
-                    rollouts = self.generate(
-                        self.eval_rows[start : start + bs], num_samples=1, greedy=mode == "greedy"
-                    )
-                    if rollouts is None:
-                        continue
-                    self.score(rollouts)
-                    rewards.append(rollouts.rewards)
-                r = torch.cat(rewards) if rewards else torch.zeros(0)
-                metrics[f"eval/reward_{mode}"] = float(r.mean()) if len(r) else float("nan")
-                metrics[f"eval/accuracy_{mode}"] = (
-                    float(
-                        (r >= self.config.self_distillation.success_reward_threshold).float().mean()
-                    )
-                    if len(r)
-                    else float("nan")
-                )
+        cfg = self.config
+        result = evaluate_policy(
+            self.policy,
+            self.reward_model,
+            self.eval_rows,
+            generation=cfg.generation,
+            num_samples=cfg.run.eval_num_samples,
+            success_threshold=cfg.self_distillation.success_reward_threshold,
+            seed=cfg.run.seed + 7919,
+            batch_size=max(cfg.optimization.prompts_per_step * cfg.num_samples_per_prompt, 1),
+            max_prompt_length=cfg.model.max_prompt_length,
+        )
+        metrics = {f"eval/{k}": v for k, v in result.metrics.items()}
         self._write_jsonl("metrics.jsonl", {"step": self.global_step, **metrics})
         for cb in self.callbacks:
             if hasattr(cb, "on_evaluate"):
