@@ -325,3 +325,27 @@ def test_missing_model_path_fails_at_once(tmp_path):
         PolicyModel(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE"):
         PolicyModel("some-org/some-model-that-is-not-cached")
+
+
+def test_pure_sdpo_step_without_any_teacher_context_is_a_no_op_not_a_crash(tmp_path, tiny_llama):
+    # The paper's setting (PG term off) on a batch where nothing succeeded and no feedback came:
+    # no term has a gradient; the step must pass without touching the weights.
+    model, tok = tiny_llama
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = make_config(
+        tmp_path,
+        policy_gradient__pg_loss_weight=0.0,
+        policy_gradient__kl_penalty_weight=0.0,
+        optimization__weight_decay=0.0,
+    )
+    trainer = SDPOTrainer(
+        config=config,
+        policy_model=PolicyModel(model=model, tokenizer=tok),
+        reward_model=lambda prompts, completions, **kw: [0.0] * len(completions),
+        train_dataloader=ROWS,
+    )
+    metrics = trainer.step()
+    assert metrics["grad_norm"] == 0.0
+    assert metrics["self_distillation/distilled_token_fraction"] == 0.0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

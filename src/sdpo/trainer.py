@@ -253,7 +253,8 @@ class SDPOTrainer:
             )
             if not torch.isfinite(loss):
                 return None
-            self.accelerator.backward(loss)
+            if loss.requires_grad:  # no term had a signal (e.g. pure SDPO, no teacher context)
+                self.accelerator.backward(loss)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
         return sums
