@@ -335,22 +335,47 @@ def sample(
     return torch.stack(tokens, dim=1)
 
 
-def _draw(probs: Tensor) -> Tensor:
+def _draw(probs: Tensor, block: int = 1024) -> Tensor:
     """One token per row of ``[N, V]`` probabilities by inverse-CDF sampling.
 
-    ``searchsorted(cumsum(p), u·Σp)`` with ``u ~ U[0, 1)`` from the global torch RNG: exactly a draw
-    from ``p`` (zero-probability tokens are never chosen), one random number per row, and much
-    cheaper on CPU than ``torch.multinomial`` or an exponential race over the vocabulary.
+    ``u ~ U[0, 1)·Σp`` from the global torch RNG (one number per row) is located in two levels:
+    first among the ``ceil(V / block)`` block sums ``s_b``, then inside the chosen block, both
+    with float64 cumulative sums. That is exactly a draw from ``p`` (zero-probability tokens are
+    never chosen) and much cheaper on CPU than ``torch.multinomial``, an exponential race over the
+    vocabulary, or even a full-vocabulary cumulative sum. A single float32 ``cumsum(p)`` is not
+    exact: a token below half an ulp of the running sum (~3e-8 near 1) gets an empty interval and
+    can never be drawn, most of the far tail of a 150k vocabulary.
     """
-    cdf = probs.cumsum(-1)
+    n, vocab = probs.shape
+    block = min(block, vocab)
+    whole = vocab // block * block
+    sums = probs.unfold(-1, block, block).sum(-1)  # [N, V // block], a view: no copy
+    if whole < vocab:
+        sums = torch.cat([sums, probs[:, whole:].sum(-1, keepdim=True)], dim=-1)
+    cdf = sums.double().cumsum(-1)
     total = cdf[:, -1:]
     if not torch.isfinite(total).all():
         raise RuntimeError(
             "The model produced non-finite probabilities while sampling; its weights are likely "
             "corrupted (NaN/inf). Lower the learning rate or resume from an earlier checkpoint."
         )
-    u = torch.rand(probs.shape[0], 1, device=probs.device, dtype=cdf.dtype) * total
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+    u = torch.rand(n, 1, device=probs.device, dtype=cdf.dtype) * total
+    b = torch.searchsorted(cdf, u, right=True).clamp(max=_last_positive(cdf))
+    start = b * block
+    index = start + torch.arange(block, device=probs.device)
+    inside = probs.gather(-1, index.clamp(max=vocab - 1)).masked_fill(index >= vocab, 0.0)
+    inner = inside.double().cumsum(-1)
+    # u's place inside block b, rescaled to the block's own float64 total.
+    before = cdf.gather(-1, b) - sums.gather(-1, b).double()
+    target = (u - before).clamp(min=0) / (cdf.gather(-1, b) - before) * inner[:, -1:]
+    j = torch.searchsorted(inner, target, right=True).clamp(max=_last_positive(inner))
+    return (start + j).squeeze(-1)
+
+
+def _last_positive(cdf: Tensor) -> Tensor:
+    """``[N, 1]`` index of the last entry that raises a non-decreasing ``[N, K]`` cumulative sum
+    (the last bin with positive mass): the number of entries strictly below the row's total."""
+    return (cdf < cdf[:, -1:]).sum(-1, keepdim=True)
 
 
 def _filter(logits: Tensor, top_k: int, top_p: float) -> Tensor:
