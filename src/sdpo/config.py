@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,31 @@ DEFAULT_FEEDBACK_TEMPLATE = (
 
 
 @dataclass
+class LoraConfig:
+    """LoRA (with PEFT, ``pip install 'sdpo[peft]'``): train a low-rank adapter on a frozen base.
+
+    Field names follow PEFT's ``LoraConfig``. Teachers then cost one adapter, not one model: the
+    EMA teacher is a second adapter, the frozen teacher and the reference the base with adapters off.
+    """
+
+    r: int = _f(0, "LoRA rank; 0 = no adapter (every weight is trained).", min=0)
+    lora_alpha: float = _f(
+        32.0, "LoRA scaling numerator: the update is (lora_alpha / r)·B·A.", min_exclusive=0.0
+    )
+    lora_dropout: float = _f(
+        0.0, "Dropout on the adapter's input while training.", min=0.0, max=1.0
+    )
+    target_modules: list[str] | None = _f(
+        None,
+        "Module names that get an adapter; None = every linear projection of the transformer "
+        "blocks (attention and MLP), never the LM head.",
+    )
+    modules_to_save: list[str] = _f(
+        [], "Modules trained in full and saved with the adapter (e.g. lm_head)."
+    )
+
+
+@dataclass
 class ModelConfig:
     """How the policy model is loaded."""
 
@@ -55,6 +81,7 @@ class ModelConfig:
     max_prompt_length: int = _f(
         512, "Prompts longer than this many tokens are skipped and counted.", min=1
     )
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -249,6 +276,27 @@ SECTIONS: dict[str, type] = {
 }
 
 
+def _leaf_keys(prefix: str, cls: type) -> list[str]:
+    """Dotted keys of a section's fields, descending into sub-sections (``model.lora.r``)."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        typ = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(typ):
+            keys.extend(_leaf_keys(f"{prefix}.{f.name}", typ))
+        else:
+            keys.append(f"{prefix}.{f.name}")
+    return keys
+
+
+# Sections nested inside sections, by dotted path.
+_SUBSECTIONS = {
+    f"{s}.{f.name}"
+    for s, c in SECTIONS.items()
+    for f in dataclasses.fields(c)
+    if dataclasses.is_dataclass(typing.get_type_hints(c)[f.name])
+}
+
+
 @dataclass
 class SDPOConfig:
     """The whole configuration of an sdpo run (see the section classes for each field's doc)."""
@@ -285,7 +333,7 @@ class SDPOConfig:
     def keys(cls) -> list[str]:
         """Every valid dotted key, e.g. ``self_distillation.alpha``."""
         top = [f.name for f in dataclasses.fields(cls) if f.name not in SECTIONS]
-        return top + [f"{s}.{f.name}" for s, c in SECTIONS.items() for f in dataclasses.fields(c)]
+        return top + [key for s, c in SECTIONS.items() for key in _leaf_keys(s, c)]
 
     @classmethod
     def resolve_key(cls, key: str) -> str:
@@ -306,10 +354,9 @@ class SDPOConfig:
     def field_info(key: str) -> tuple[dataclasses.Field, Any]:
         """The dataclass field and its resolved type for a dotted key."""
         owner: type = SDPOConfig
-        name = key
-        if "." in key:
-            section, name = key.split(".", 1)
-            owner = SECTIONS[section]
+        *path, name = key.split(".")
+        for part in path:  # a section, then nested sub-sections (model.lora)
+            owner = SECTIONS[part] if owner is SDPOConfig else typing.get_type_hints(owner)[part]
         fld = next(f for f in dataclasses.fields(owner) if f.name == name)
         return fld, typing.get_type_hints(owner)[name]
 
@@ -322,7 +369,13 @@ class SDPOConfig:
         return obj
 
     def set(self, key: str, value: Any) -> None:
-        """Set a (dotted or unique leaf) key, converting strings to the field's type."""
+        """Set a (dotted or unique leaf) key, converting strings to the field's type.
+
+        A sub-section (``model.lora``) takes a mapping of its own keys."""
+        if isinstance(value, dict) and key.replace("__", ".") in _SUBSECTIONS:
+            for sub, v in value.items():
+                self.set(f"{key.replace('__', '.')}.{sub}", v)
+            return
         key = self.resolve_key(key)
         fld, typ = self.field_info(key)
         value = _convert(key, value, typ)
@@ -456,7 +509,7 @@ _NONE_STRINGS = {"none", "null", "~", ""}
 
 def _convert(key: str, value: Any, typ: Any) -> Any:
     """Convert ``value`` (possibly a string from the command line) to ``typ`` or raise ValueError."""
-    args = typing.get_args(typ)
+    args = typing.get_args(typ) if isinstance(typ, types.UnionType) else ()
     optional = type(None) in args
     base = next((a for a in args if a is not type(None)), typ) if args else typ
     if value is None or (
@@ -494,6 +547,14 @@ def _convert(key: str, value: Any, typ: Any) -> Any:
     if base is str:
         if not isinstance(value, str):
             raise ValueError(f"{key} must be a string, got {value!r}.")
+        return value
+    if typing.get_origin(base) is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(
+                f"{key} must be a list of strings, e.g. [q_proj, v_proj]; got {value!r}."
+            )
         return value
     return value
 

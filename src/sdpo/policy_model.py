@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from sdpo.config import GenerationConfig
+from sdpo.lora import is_peft_model
 
 Prompt = str | list[dict[str, str]]
 
@@ -88,7 +89,7 @@ class PolicyModel:
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
-        head = model.get_output_embeddings()
+        head = output_head(model)
         if not isinstance(head, torch.nn.Linear):
             raise ValueError(
                 f"{type(model).__name__}'s LM head is {type(head).__name__}; sdpo needs a linear head."
@@ -104,7 +105,12 @@ class PolicyModel:
     @property
     def lm_head(self) -> torch.nn.Linear:
         """The output projection ``[V, H]`` (weight) applied to hidden states."""
-        return self.model.get_output_embeddings()
+        return output_head(self.model)
+
+    @property
+    def is_lora(self) -> bool:
+        """True when the policy is a PEFT model (a frozen base plus a trained adapter)."""
+        return is_peft_model(self.model)
 
     @property
     def eos_token_id(self) -> int:
@@ -159,7 +165,7 @@ class PolicyModel:
         self.model.eval()
         try:
             completion_ids = sample(
-                self.model,
+                unwrap(self.model),
                 ids,
                 mask,
                 generation,
@@ -203,7 +209,7 @@ class PolicyModel:
         with a KV cache, the cache is expanded to the n rows, and only the completions run per row.
         The result equals the single pass up to float rounding, gradients included.
         """
-        model = self.model if model is None else model
+        model = unwrap(self.model if model is None else model)
         backbone = model.base_model
         cache_arg = _cache_kwarg(backbone)
         share = share_prompts and cache_arg is not None
@@ -242,6 +248,26 @@ class PolicyModel:
         )
         head = prefix.last_hidden_state[:, -1:][inverse]
         return torch.cat([head, rest.last_hidden_state], dim=1)
+
+
+def unwrap(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model to run: a PEFT model's base, whose layers carry the adapters."""
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+def output_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The LM head ``[V, H]`` that the model's current adapter state applies.
+
+    A head in PEFT's ``modules_to_save`` is a wrapper; this returns the copy of the active
+    adapter, or the original head when adapters are off.
+    """
+    head = unwrap(model).get_output_embeddings()
+    if hasattr(head, "original_module") and hasattr(head, "modules_to_save"):
+        active = head.active_adapters
+        if head.disable_adapters or not active or active[0] not in head.modules_to_save:
+            return head.original_module
+        return head.modules_to_save[active[0]]
+    return head
 
 
 def _distinct_rows(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor] | None:

@@ -2,10 +2,15 @@
 
 Every teacher scores the student's own completion under the reprompted context ``x'``:
 
-- ``ema``: a separate copy ``φ``, updated after every optimizer step as ``φ ← (1−β)·φ + β·θ``;
-- ``frozen``: the initial model (shares its copy with the reference model when both are needed);
+- ``ema``: weights ``φ``, updated after every optimizer step as ``φ ← (1−β)·φ + β·θ``;
+- ``frozen``: the initial model (shares its weights with the reference model when both are needed);
 - ``live``: the current student under ``no_grad`` (no extra memory);
 - ``trust_region``: logits ``lerp(ref, student, β) = β·z_θ + (1−β)·z_ref``, from two no-grad passes.
+
+Where those weights live is a :class:`Weights`: a frozen copy of the model (full fine-tuning), or,
+for a LoRA policy, an adapter state of the one base model (:mod:`sdpo.lora`): the EMA teacher is
+a second adapter, the frozen teacher and the reference the base with adapters off. The teacher
+costs one adapter, not one model.
 
 A teacher hands back hidden states and the LM-head weight to apply to them, so the loss can
 compute teacher logits in chunks. For ``trust_region`` the lerp is folded into one matrix product:
@@ -14,13 +19,16 @@ compute teacher logits in chunks. For ``trust_region`` the lerp is folded into o
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from sdpo.policy_model import PolicyModel
+from sdpo import lora
+from sdpo.policy_model import PolicyModel, output_head
 
 TEACHER_KINDS = ("ema", "frozen", "live", "trust_region")
 
@@ -33,30 +41,82 @@ def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
     return clone
 
 
-class Teacher:
-    """The teacher of one run. ``reference`` is the initial-model copy when one exists (shared)."""
+class Weights:
+    """One set of weights the trainer can run: ``with weights.active() as model: model(...)``.
+
+    ``Weights(model)``: the model as it is (the student); ``copy=True``: a frozen copy of its own
+    (``module``); for a PEFT model, ``adapter="teacher"``: that adapter active, ``base=True``: the
+    base with adapters off.
+    """
 
     def __init__(
-        self, kind: str, policy: PolicyModel, rate: float, reference: PreTrainedModel | None
+        self,
+        model: torch.nn.Module,
+        *,
+        copy: bool = False,
+        adapter: str | None = None,
+        base: bool = False,
+    ) -> None:
+        self.module = frozen_copy(model) if copy else None
+        self.model, self.adapter, self.base = model, adapter, base
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[torch.nn.Module]:
+        if self.module is not None:
+            yield self.module
+        elif self.base or self.adapter is not None:
+            with lora.adapter_scope(self.model, None if self.base else self.adapter) as model:
+                yield model
+        else:
+            yield self.model
+
+
+def reference_weights(policy: PolicyModel) -> Weights:
+    """The initial model: the base with adapters off for LoRA, else a frozen copy."""
+    if policy.is_lora:
+        return Weights(policy.model, base=True)
+    return Weights(policy.model, copy=True)
+
+
+class Teacher:
+    """The teacher of one run. ``reference`` holds the initial model's weights when they are needed."""
+
+    def __init__(
+        self, kind: str, policy: PolicyModel, rate: float, reference: Weights | None
     ) -> None:
         if kind not in TEACHER_KINDS:
             raise ValueError(f"Unknown teacher {kind!r}; choose one of {TEACHER_KINDS}.")
         if kind in ("frozen", "trust_region") and reference is None:
-            raise ValueError(f"The {kind} teacher needs the initial-model copy (reference).")
+            raise ValueError(f"The {kind} teacher needs the initial model's weights (reference).")
         self.kind = kind
         self.rate = rate
         self.policy = policy
         self.reference = reference
-        self.copy = frozen_copy(policy.model) if kind == "ema" else None
+        self.live = Weights(policy.model)
+        self.ema: Weights | None = None
+        self._ema_pairs: tuple[list[Tensor], list[Tensor]] = ([], [])
+        if kind == "ema" and policy.is_lora:
+            phi = lora.add_teacher_adapter(policy.model)
+            theta = lora.adapter_parameters(policy.model, lora.student_adapter(policy.model))
+            self.ema = Weights(policy.model, adapter=lora.TEACHER)
+            self._ema_pairs = (list(phi.values()), [theta[k] for k in phi])
+        elif kind == "ema":
+            self.ema = Weights(policy.model, copy=True)
+            self._ema_pairs = (list(self.ema.module.parameters()), list(policy.model.parameters()))
 
     @property
-    def model(self) -> PreTrainedModel:
-        """The network whose forward gives the teacher's hidden states (student for live/trust_region)."""
+    def copy(self) -> PreTrainedModel | None:
+        """The EMA teacher's own copy of the model (full fine-tuning only)."""
+        return None if self.ema is None else self.ema.module
+
+    @property
+    def weights(self) -> Weights:
+        """The weights whose forward gives the teacher's hidden states (student for live/trust_region)."""
         if self.kind == "ema":
-            return self.copy
+            return self.ema
         if self.kind == "frozen":
             return self.reference
-        return self.policy.model
+        return self.live
 
     @torch.no_grad()
     def hidden(
@@ -71,13 +131,15 @@ class Teacher:
         was_training = self.policy.model.training
         self.policy.model.eval()  # live/trust_region teachers score without dropout
         try:
-            h = self.policy.completion_hidden(*args, model=self.model)
-            head = self.model.get_output_embeddings()
+            with self.weights.active() as model:
+                h = self.policy.completion_hidden(*args, model=model)
+                head = output_head(model)
             if self.kind != "trust_region":
                 return h, head.weight, head.bias
             beta = self.rate
-            h_ref = self.policy.completion_hidden(*args, model=self.reference)
-            ref_head = self.reference.get_output_embeddings()
+            with self.reference.active() as reference:
+                h_ref = self.policy.completion_hidden(*args, model=reference)
+                ref_head = output_head(reference)
             weight = torch.cat([head.weight, ref_head.weight], dim=1)
             bias = None
             if head.bias is not None:
@@ -88,17 +150,28 @@ class Teacher:
 
     @torch.no_grad()
     def update(self) -> None:
-        """After an optimizer step: ``φ ← (1−β)·φ + β·θ`` (EMA only)."""
+        """After an optimizer step: ``φ ← (1−β)·φ + β·θ`` (EMA only; for LoRA over the adapter
+        tensors only, in float32)."""
         if self.kind != "ema" or self.rate == 0.0:
             return
-        teacher = list(self.copy.parameters())
-        student = [p.detach() for p in self.policy.model.parameters()]
-        torch._foreach_lerp_(teacher, student, self.rate)
+        teacher, student = self._ema_pairs
+        if self.policy.is_lora:
+            lora.ema_update(teacher, student, self.rate)
+        else:
+            torch._foreach_lerp_(teacher, [p.detach() for p in student], self.rate)
 
     def state_dict(self) -> dict[str, Tensor]:
-        """What a checkpoint must hold to restore this teacher (the EMA weights)."""
-        return self.copy.state_dict() if self.kind == "ema" else {}
+        """What a checkpoint must hold to restore this teacher (the EMA weights or adapter)."""
+        if self.kind != "ema":
+            return {}
+        if self.policy.is_lora:
+            return lora.adapter_state(self.policy.model, lora.TEACHER)
+        return self.copy.state_dict()
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        if self.kind == "ema":
+        if self.kind != "ema":
+            return
+        if self.policy.is_lora:
+            lora.load_adapter_state(self.policy.model, lora.TEACHER, state)
+        else:
             self.copy.load_state_dict(state)

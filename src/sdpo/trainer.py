@@ -28,6 +28,7 @@ from accelerate import Accelerator
 from torch import Tensor
 
 from sdpo import checkpoint as ckpt
+from sdpo import lora
 from sdpo.config import SDPOConfig
 from sdpo.data import PromptSource, load_rows
 from sdpo.evaluation import evaluate_policy
@@ -38,11 +39,11 @@ from sdpo.policy_gradient import (
     grpo_advantages,
     k3_kl,
 )
-from sdpo.policy_model import PolicyModel, RolloutBatch
+from sdpo.policy_model import PolicyModel, RolloutBatch, output_head
 from sdpo.reprompting import Reprompter, TeacherContext
 from sdpo.reward_model import as_reward_model
 from sdpo.self_distillation import importance_weights, policy_terms, self_distillation_loss
-from sdpo.teacher import Teacher, frozen_copy
+from sdpo.teacher import Teacher, reference_weights
 
 
 class NonFiniteLossError(RuntimeError):
@@ -92,7 +93,8 @@ class SDPOTrainer:
         needs_reference = pg.kl_penalty_weight > 0 or (
             sd.distillation_weight > 0 and sd.teacher in ("frozen", "trust_region")
         )
-        self.reference = frozen_copy(policy_model.model) if needs_reference else None
+        lora.attach(policy_model, config.model.lora)
+        self.reference = reference_weights(policy_model) if needs_reference else None
         self.teacher = Teacher(sd.teacher, policy_model, sd.teacher_update_rate, self.reference)
         self.reprompter = Reprompter(sd, tokenizer=policy_model.tokenizer, seed=run.seed)
         self.optimizer, self.scheduler = self._build_optimizer()
@@ -331,15 +333,15 @@ class SDPOTrainer:
             parts["clipped_tokens"] = clip_fraction(clipped, c_mask) * float(c_mask.sum())
 
         if pg.kl_penalty_weight > 0:
-            with torch.no_grad():
+            with torch.no_grad(), self.reference.active() as reference:
                 ref_hidden = self.policy.completion_hidden(
                     rollouts.prompt_ids[idx],
                     rollouts.prompt_mask[idx],
                     c_ids,
                     c_mask,
-                    model=self.reference,
+                    model=reference,
                 )
-                ref_head = self.reference.get_output_embeddings()
+                ref_head = output_head(reference)
                 ref_terms = policy_terms(
                     ref_hidden[mask],
                     ref_head.weight,
@@ -607,8 +609,8 @@ class SDPOTrainer:
         modules = {}
         if self.teacher.copy is not None:
             modules["teacher"] = self.teacher.copy
-        if self.reference is not None:
-            modules["reference"] = self.reference
+        if self.reference is not None and self.reference.module is not None:
+            modules["reference"] = self.reference.module
         return modules
 
     def save_checkpoint(self) -> Path:

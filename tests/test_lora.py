@@ -1,0 +1,273 @@
+"""LoRA (PEFT): only the adapter trains, teachers are adapters or the base, nothing copies the base."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import make_tiny_gpt2, make_tiny_llama
+
+from sdpo import PolicyModel, SDPOConfig, SDPOTrainer
+from sdpo.self_distillation import policy_terms
+
+peft = pytest.importorskip("peft")
+
+from sdpo import lora  # noqa: E402
+
+ROWS = [
+    {"prompt": f"Q: {a}+{b}=", "answer": str(a + b)} for a in range(10, 14) for b in range(20, 24)
+]
+
+
+def parity_reward(prompts, completions, **columns):
+    return [float(sum(map(ord, c)) % 2 == 0) for c in completions]
+
+
+def make_config(tmp_path, **overrides) -> SDPOConfig:
+    base = dict(
+        num_samples_per_prompt=4,
+        generation__max_new_tokens=6,
+        optimization__prompts_per_step=2,
+        optimization__learning_rate=1e-2,
+        run__max_steps=3,
+        run__output_dir=str(tmp_path / "run"),
+        run__progress_bar=False,
+        model__lora__r=4,
+    )
+    base.update(overrides)
+    return SDPOConfig(**base)
+
+
+def make_trainer(tmp_path, model=None, tok=None, **overrides) -> SDPOTrainer:
+    if model is None:
+        model, tok = make_tiny_llama()
+    return SDPOTrainer(
+        config=make_config(tmp_path, **overrides),
+        policy_model=PolicyModel(model=model, tokenizer=tok),
+        reward_model=parity_reward,
+        train_dataloader=ROWS,
+    )
+
+
+def user_peft_model(seed: int = 0):
+    """A PeftModel built by the user, with a non-zero adapter (so student != base)."""
+    model, tok = make_tiny_llama()
+    base = copy.deepcopy(model)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    peft_model = peft.get_peft_model(model, config)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return peft_model, tok, base
+
+
+def completion_logprobs(policy: PolicyModel, batch, model=None) -> torch.Tensor:
+    """Log-probs ``[n]`` of the completion tokens under ``model`` (default: the policy)."""
+    prompt_ids, prompt_mask, c_ids, c_mask = batch
+    with torch.no_grad():
+        h = policy.completion_hidden(prompt_ids, prompt_mask, c_ids, c_mask, model=model)
+    from sdpo.policy_model import output_head
+
+    head = output_head(model if model is not None else policy.model)
+    mask = c_mask.bool()
+    return policy_terms(h[mask], head.weight, c_ids[mask], lm_head_bias=head.bias)["logprobs"]
+
+
+def fixed_batch(policy: PolicyModel):
+    torch.manual_seed(1)
+    prompts = [policy.encode_prompt(r["prompt"]) for r in ROWS[:3]]
+    ids, mask = policy.pad_left([p for p in prompts for _ in range(2)])
+    c_ids = torch.randint(3, 60, (6, 5))
+    return ids, mask, c_ids, torch.ones_like(c_ids)
+
+
+def teacher_logprobs(trainer: SDPOTrainer, batch) -> torch.Tensor:
+    prompt_ids, prompt_mask, c_ids, c_mask = batch
+    h, weight, bias = trainer.teacher.hidden(prompt_ids, prompt_mask, c_ids, c_mask)
+    mask = c_mask.bool()
+    return policy_terms(h[mask], weight, c_ids[mask], lm_head_bias=bias)["logprobs"]
+
+
+@pytest.mark.parametrize("modules_to_save", [[], ["lm_head"]])
+def test_a_step_changes_only_the_adapter_and_the_base_stays_bitwise(tmp_path, modules_to_save):
+    trainer = make_trainer(
+        tmp_path, model__lora__modules_to_save=modules_to_save, kl_penalty_weight=0.1
+    )
+    model = trainer.policy.model
+    assert isinstance(model, peft.PeftModel)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    student = set(lora.adapter_parameters(model, "default"))
+    assert {n.replace("base_model.model.", "", 1) for n in trainable} == {
+        n.replace("base_model.model.", "", 1) for n in student
+    }
+    optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[i] for i in optimized} == trainable  # teacher adapter never in the optimizer
+    assert not any(".teacher." in n for n in trainable)
+    if modules_to_save:
+        assert any("modules_to_save.default" in n for n in trainable)
+    for _ in range(2):
+        trainer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    base = {n for n in before if "lora_" not in n and "modules_to_save" not in n}
+    assert changed.isdisjoint(base), sorted(changed & base)[:5]
+    assert trainable <= changed  # every student adapter tensor moved
+    assert not any(".teacher." in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_ema_adapter_after_k_steps_equals_the_formula(tmp_path):
+    beta = 0.3
+    trainer = make_trainer(tmp_path, teacher_update_rate=beta)
+    model = trainer.policy.model
+    theta = lora.adapter_parameters(model, "default")
+    phi = lora.adapter_parameters(model, "teacher")
+    expected = {k: v.detach().double().clone() for k, v in theta.items()}  # phi_0 = theta_0
+    for _ in range(3):
+        trainer.step()
+        for k in expected:  # float64 reference, no shared code
+            expected[k] = (1 - beta) * expected[k] + beta * theta[k].detach().double()
+    for k, value in phi.items():
+        assert value.dtype == torch.float32 and not value.requires_grad
+        torch.testing.assert_close(value.double(), expected[k], rtol=1e-6, atol=1e-7)
+    assert any(not torch.equal(phi[k], theta[k]) for k in phi)  # it lags the student
+
+
+def test_user_peft_model_trains_and_ema_teacher_starts_equal_to_student(tmp_path):
+    peft_model, tok, base = user_peft_model()
+    trainer = make_trainer(tmp_path, peft_model, tok, model__lora__r=0)
+    policy = trainer.policy
+    batch = fixed_batch(policy)
+    student = completion_logprobs(policy, batch)
+    base_lp = completion_logprobs(PolicyModel(model=base, tokenizer=tok), batch)
+    assert not torch.allclose(student, base_lp, atol=1e-3)  # the adapter matters
+    assert torch.equal(teacher_logprobs(trainer, batch), student)  # step 0: teacher = student
+    metrics = trainer.step()
+    assert torch.isfinite(torch.tensor(metrics["loss"]))
+
+
+def test_frozen_teacher_and_reference_are_the_base_without_a_copy(tmp_path):
+    peft_model, tok, base = user_peft_model()
+    trainer = make_trainer(tmp_path, peft_model, tok, model__lora__r=0, teacher="frozen")
+    trainer.step()
+    batch = fixed_batch(trainer.policy)
+    base_lp = completion_logprobs(PolicyModel(model=base, tokenizer=tok), batch)
+    torch.testing.assert_close(teacher_logprobs(trainer, batch), base_lp, rtol=0, atol=1e-6)
+    with trainer.reference.active() as reference:
+        ref_lp = completion_logprobs(trainer.policy, batch, model=reference)
+    torch.testing.assert_close(ref_lp, base_lp, rtol=0, atol=1e-6)
+    assert trainer.reference.module is None and trainer.teacher.copy is None
+    # Leaving the scope restores the student.
+    assert not torch.allclose(completion_logprobs(trainer.policy, batch), base_lp, atol=1e-3)
+
+
+def test_trust_region_teacher_is_the_lerp_of_student_and_base_logits(tmp_path):
+    peft_model, tok, base = user_peft_model()
+    trainer = make_trainer(
+        tmp_path, peft_model, tok, model__lora__r=0, teacher="trust_region", teacher_update_rate=0.3
+    )
+    policy = trainer.policy
+    prompt_ids, prompt_mask, c_ids, c_mask = fixed_batch(policy)
+    h, weight, bias = trainer.teacher.hidden(prompt_ids, prompt_mask, c_ids, c_mask)
+    ids, mask = torch.cat([prompt_ids, c_ids], 1), torch.cat([prompt_mask, c_mask], 1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        z_student = peft_model(input_ids=ids, attention_mask=mask, position_ids=positions)
+        z_base = base(input_ids=ids, attention_mask=mask, position_ids=positions)
+    p = prompt_ids.shape[1]
+    sl = slice(p - 1, p - 1 + c_ids.shape[1])
+    expected = 0.3 * z_student.logits[:, sl].double() + 0.7 * z_base.logits[:, sl].double()
+    torch.testing.assert_close((h @ weight.T).double(), expected, rtol=0, atol=1e-4)
+
+
+def _storage_bytes(min_numel: int) -> int:
+    """Bytes of distinct tensor storages alive in the process with at least ``min_numel`` elements."""
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.numel() >= min_numel:
+            storage = obj.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total
+
+
+@pytest.mark.parametrize("r", [4, 0])
+def test_teachers_and_reference_add_no_copy_of_the_base(tmp_path, r):
+    """EMA teacher + reference model: with LoRA the big tensors (>= one base matrix) alive after
+    building the trainer are the base's own; with full fine-tuning (r = 0) they triple."""
+    model, tok = make_tiny_llama(hidden=64)
+    min_numel = 64 * 64  # the smallest base matrix; LoRA matrices (4 x 64) are smaller
+    gc.collect()
+    before = _storage_bytes(min_numel)
+    base_bytes = sum(
+        p.numel() * p.element_size() for p in model.parameters() if p.numel() >= min_numel
+    )
+    trainer = make_trainer(tmp_path, model, tok, model__lora__r=r, kl_penalty_weight=0.1)
+    gc.collect()
+    grown = _storage_bytes(min_numel) - before
+    copies = 2 * base_bytes  # EMA copy + reference copy
+    if r:
+        assert grown == 0, f"{grown} bytes of base-sized tensors appeared"
+        assert trainer.reference.module is None and trainer.teacher.copy is None
+    else:
+        assert grown >= copies
+
+
+def test_gpt2_default_targets_and_lm_head_is_refused(tmp_path):
+    model, tok = make_tiny_gpt2()
+    assert lora.default_target_modules(model) == ["c_attn", "c_proj", "c_fc"]
+    trainer = make_trainer(tmp_path, model, tok)
+    trainer.step()
+    llama, _ = make_tiny_llama()
+    assert lora.default_target_modules(llama) == [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="modules_to_save"):
+        make_trainer(
+            tmp_path, *make_tiny_llama(), model__lora__target_modules=["q_proj", "lm_head"]
+        )
+    peft_model, tok, _ = user_peft_model()
+    with pytest.raises(ValueError, match="already a PeftModel"):
+        make_trainer(tmp_path, peft_model, tok, model__lora__r=8)
+
+
+def test_without_peft_the_library_works_and_lora_names_the_extra(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["peft"] = None  # as if peft were not installed
+        sys.path.insert(0, {str(tmp_path.parent)!r})
+        import torch
+        from transformers import LlamaForCausalLM
+        from sdpo import PolicyModel, SDPOConfig, SDPOTrainer
+        from sdpo.demo import build_char_tokenizer, tiny_llama_config
+        tok = build_char_tokenizer()
+        cfg = dict(num_samples_per_prompt=2, generation__max_new_tokens=3, run__max_steps=1,
+                   run__output_dir={str(tmp_path / "run")!r}, run__progress_bar=False)
+        rows = [{{"prompt": "Q: 1+1="}}] * 4
+        reward = lambda prompts, completions, **kw: [1.0] * len(completions)
+        def trainer(**extra):
+            model = LlamaForCausalLM(tiny_llama_config(len(tok), hidden=32, layers=1, heads=2, intermediate=64))
+            return SDPOTrainer(config=SDPOConfig(**cfg, **extra), policy_model=PolicyModel(model=model, tokenizer=tok),
+                               reward_model=reward, train_dataloader=rows)
+        trainer().step()
+        try:
+            trainer(model__lora__r=4)
+        except ImportError as exc:
+            print("ERROR:", exc)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert "ERROR: LoRA (model.lora.r > 0) needs the `peft` package" in out.stdout
+    assert "sdpo[peft]" in out.stdout
