@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sdpo-installed
 
-.PHONY: setup test test-slow lint format quickstart bench
+.PHONY: setup test test-slow lint format quickstart bench study
 
 setup: $(STAMP)
 
@@ -34,3 +34,6 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_loss.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_step.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_sandbox.py
+
+study: setup
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) scripts/study.py

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Config overrides, e.g. self_distillation.alpha=1.0",
     )
     _add_eval_parser(sub)
+    from sdpo import discover
+
+    discover.add_parser(sub)
     return parser
 
 
@@ -349,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         return train(args)
     if args.command == "eval":
         return evaluate(args)
+    if args.command == "discover":
+        from sdpo import discover
+
+        return discover.main(args)
     return 1
 
 

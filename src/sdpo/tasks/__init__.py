@@ -18,6 +18,7 @@ from sdpo.reward_model import RewardModel
 
 TASKS: dict[str, str] = {
     "arithmetic": "sdpo.tasks.arithmetic",
+    "arithmetic_hard": "sdpo.tasks.arithmetic_hard",
     "reversal": "sdpo.tasks.reversal",
     "code": "sdpo.tasks.code",
 }

@@ -1,0 +1,295 @@
+"""The study: what SDPO's feedback buys over GRPO on a task where groups often fail entirely.
+
+Runs, each in its own process (``sdpo train``), on the ``arithmetic_hard`` task with the demo model:
+
+    grpo            distillation off (policy gradient only)
+    sdpo            SDPO + PG (the seed defaults: both terms), with the environment's feedback
+    sdpo_nofb       the same, teacher contexts from successful siblings only (no feedback)
+    pure_sdpo       distillation only (the paper's setting), with feedback
+    pure_sdpo_nofb  distillation only, no feedback
+
+over several seeds, evaluating every ``--eval-every`` steps on the task's eval split; then
+``sdpo discover`` (test-time SDPO vs best-of-k vs multi-turn retrying) on the same split. Writes
+``study.json``, ``study.md`` (the tables) and PNG figures to ``--out`` (default ``docs/study``).
+
+    python scripts/study.py                         # the full study (see the README for its cost)
+    python scripts/study.py --steps 2 --seeds 0 --eval-every 1 --eval-prompts 8 --discover-questions 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ARMS: dict[str, list[str]] = {
+    "grpo": ["self_distillation.distillation_weight=0"],
+    "sdpo": [],
+    "sdpo_nofb": ["self_distillation.include_environment_feedback=false"],
+    "pure_sdpo": ["policy_gradient.pg_loss_weight=0"],
+    "pure_sdpo_nofb": [
+        "policy_gradient.pg_loss_weight=0",
+        "self_distillation.include_environment_feedback=false",
+    ],
+}
+EVAL_KEY = "eval/accuracy_sampled"
+GREEDY_KEY = "eval/accuracy_greedy"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("docs/study"), help="Output directory.")
+    p.add_argument("--runs", type=Path, default=Path("runs/study"), help="Run directories.")
+    p.add_argument("--task", default="arithmetic_hard", help="Built-in task.")
+    p.add_argument("--steps", type=int, default=150, help="Training steps per run.")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Seeds per arm.")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--eval-every", type=int, default=25, help="Evaluate every N steps.")
+    p.add_argument("--eval-prompts", type=int, default=200, help="Eval prompts per evaluation.")
+    p.add_argument("--discover-questions", type=int, default=32, help="0 skips sdpo discover.")
+    p.add_argument("--discover-budget", type=int, default=32, help="Attempts per question.")
+    p.add_argument("--threads", type=int, default=1, help="OMP threads per run.")
+    p.add_argument("overrides", nargs="*", help="Extra key=value for every training run.")
+    return p.parse_args()
+
+
+def run_training(args: argparse.Namespace, arm: str, seed: int) -> Path:
+    run_dir = args.runs / f"{arm}-seed{seed}"
+    if (run_dir / "metrics.jsonl").exists() and (run_dir / "done").exists():
+        return run_dir  # finished earlier: reuse (delete the directory to rerun)
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    cmd = [
+        sys.executable,
+        "-m",
+        "sdpo.cli",
+        "train",
+        f"data.task={args.task}",
+        f"run.max_steps={args.steps}",
+        f"run.seed={seed}",
+        f"run.eval_steps={args.eval_every}",
+        f"run.eval_max_prompts={args.eval_prompts}",
+        f"run.save_steps={args.steps}",
+        "run.save_total_limit=1",
+        "run.progress_bar=false",
+        f"run.output_dir={run_dir}",
+        *ARMS[arm],
+        *args.overrides,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"study: {arm} seed {seed} failed:\n{proc.stderr[-3000:]}")
+    (run_dir / "done").write_text(f"{time.time() - t0:.1f}\n")
+    return run_dir
+
+
+def read_run(run_dir: Path, samples_per_step: int) -> dict:
+    """Eval curve (step, generations, accuracy) and mean completion length of a run."""
+    evals, lengths = [], []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if EVAL_KEY in rec:
+            evals.append(
+                {
+                    "step": rec["step"],
+                    "generations": rec["step"] * samples_per_step,
+                    "sampled": rec[EVAL_KEY],
+                    "greedy": rec.get(GREEDY_KEY),
+                }
+            )
+        if "completions/mean_length" in rec:
+            lengths.append(rec["completions/mean_length"])
+    seconds = float((run_dir / "done").read_text()) if (run_dir / "done").exists() else None
+    return {
+        "evals": evals,
+        "mean_length": statistics.fmean(lengths) if lengths else None,
+        "seconds": seconds,
+    }
+
+
+def generations_to_reach(evals: list[dict], target: float, key: str = "sampled") -> int | None:
+    """Generations at the first evaluation whose accuracy is >= target (None: never)."""
+    for e in evals:
+        if e[key] is not None and e[key] >= target - 1e-12:
+            return e["generations"]
+    return None
+
+
+def mean_sd(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def analyse(results: dict[str, list[dict]]) -> tuple[dict, str]:
+    """Tables: final accuracy, generations to reach GRPO's final accuracy, accuracy at equal
+    generations (each eval point), completion length."""
+    summary: dict = {}
+    grpo_final = None
+    if "grpo" in results:
+        grpo_final = statistics.fmean(r["evals"][-1]["sampled"] for r in results["grpo"])
+    lines = [
+        "| arm | final sampled acc | final greedy acc | generations to GRPO's final sampled acc "
+        "(per seed) | ratio to GRPO | mean completion length | minutes per run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    grpo_gens = None
+    if grpo_final is not None:
+        grpo_gens = [generations_to_reach(r["evals"], grpo_final) for r in results["grpo"]]
+    for arm, runs in results.items():
+        finals = [r["evals"][-1]["sampled"] for r in runs]
+        greedy = [r["evals"][-1]["greedy"] for r in runs]
+        gens = (
+            [generations_to_reach(r["evals"], grpo_final) for r in runs]
+            if grpo_final is not None
+            else []
+        )
+        ratio = "-"
+        if grpo_gens and all(g is not None for g in gens) and all(grpo_gens):
+            ratio = f"{statistics.fmean(gens) / statistics.fmean(grpo_gens):.2f}"
+        elif gens and any(g is None for g in gens):
+            ratio = "not reached by every seed"
+        summary[arm] = {
+            "final_sampled": finals,
+            "final_greedy": greedy,
+            "generations_to_grpo_final": gens,
+            "mean_length": [r["mean_length"] for r in runs],
+            "curves": [r["evals"] for r in runs],
+        }
+        minutes = [r["seconds"] / 60 for r in runs if r["seconds"] is not None]
+        lines.append(
+            f"| {arm} | {mean_sd(finals)} | {mean_sd(greedy)} | "
+            f"{', '.join('never' if g is None else str(g) for g in gens) or '-'} | {ratio} | "
+            f"{mean_sd([r['mean_length'] for r in runs])} | {mean_sd(minutes)} |"
+        )
+    # Accuracy at equal generations: every eval point, mean over seeds.
+    first = next(iter(results.values()))
+    points = [e["generations"] for e in first[0]["evals"]]
+    lines += [
+        "",
+        "Sampled accuracy at equal generations (mean over seeds):",
+        "",
+        "| generations | " + " | ".join(results) + " |",
+        "|---" * (len(results) + 1) + "|",
+    ]
+    for i, g in enumerate(points):
+        cells = []
+        for runs in results.values():
+            vals = [r["evals"][i]["sampled"] for r in runs if i < len(r["evals"])]
+            cells.append(f"{statistics.fmean(vals):.3f}" if vals else "-")
+        lines.append(f"| {g} | " + " | ".join(cells) + " |")
+    if grpo_final is not None:
+        summary["grpo_final_sampled_mean"] = grpo_final
+    return summary, "\n".join(lines)
+
+
+def plot(results: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
+    for ax, key, title in (
+        (axes[0], "sampled", "Sampled accuracy (T = 1) on held-out problems"),
+        (axes[1], "greedy", "Greedy accuracy on held-out problems"),
+    ):
+        for arm, runs in results.items():
+            n = min(len(r["evals"]) for r in runs)
+            xs = [runs[0]["evals"][i]["generations"] for i in range(n)]
+            vals = [[r["evals"][i][key] for r in runs] for i in range(n)]
+            mean = [statistics.fmean(v) for v in vals]
+            sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
+            ax.plot(xs, mean, label=arm, linewidth=2)
+            ax.fill_between(
+                xs,
+                [m - s for m, s in zip(mean, sd, strict=True)],
+                [m + s for m, s in zip(mean, sd, strict=True)],
+                alpha=0.15,
+            )
+        ax.set_xlabel("generated completions")
+        ax.set_ylabel("accuracy")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower right")
+    n_seeds = len(next(iter(results.values())))
+    fig.suptitle(f"arithmetic_hard, demo model, mean ± sd over {n_seeds} seed(s)", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> int:
+    args = parse_args()
+    from sdpo.config import SDPOConfig
+
+    quick = SDPOConfig.preset("quickstart")
+    quick.apply_overrides(list(args.overrides))
+    samples_per_step = quick.optimization.prompts_per_step * quick.num_samples_per_prompt
+    t0 = time.time()
+    results: dict[str, list[dict]] = {}
+    for arm in args.arms:
+        for seed in args.seeds:
+            run_dir = run_training(args, arm, seed)
+            results.setdefault(arm, []).append(read_run(run_dir, samples_per_step))
+            print(f"study: {arm} seed {seed} done ({time.time() - t0:.0f} s)", flush=True)
+    summary, table = analyse(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot(results, args.out / "study.png")
+    record = {"args": {k: str(v) for k, v in vars(args).items()}, "training": summary}
+    text = ["## Training: SDPO vs GRPO", "", table]
+    if args.discover_questions:
+        disc_dir = args.runs / "discover"
+        cmd = [
+            sys.executable,
+            "-m",
+            "sdpo.cli",
+            "discover",
+            "--task",
+            args.task,
+            "--num-questions",
+            str(args.discover_questions),
+            "--budget",
+            str(args.discover_budget),
+            "--seeds",
+            *map(str, args.seeds),
+            "--out",
+            str(disc_dir),
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"study: sdpo discover failed:\n{proc.stderr[-3000:]}")
+        from sdpo.discover import format_table, plot_discovery
+
+        disc = json.loads((disc_dir / "discover.json").read_text())
+        plot_discovery(disc, args.out / "discovery.png")
+        record["discover"] = {k: v for k, v in disc.items() if k != "results"}
+        text += ["", "## Test-time SDPO: discovery@k", "", format_table(disc)]
+    record["seconds"] = time.time() - t0
+    (args.out / "study.json").write_text(json.dumps(record, indent=1) + "\n")
+    text += ["", f"Total time: {record['seconds'] / 60:.1f} min."]
+    (args.out / "study.md").write_text("\n".join(text) + "\n")
+    print("\n".join(text))
+    print(
+        f"Wrote {args.out}/study.json, study.md, study.png"
+        + (", discovery.png" * bool(args.discover_questions))
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The study script end to end at a tiny size (CI runs it with the slow checks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_study_with_two_steps_writes_tables_and_figures(tmp_path):
+    pytest.importorskip("matplotlib")
+    out, runs = tmp_path / "docs", tmp_path / "runs"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "study.py"),
+            "--steps", "2",
+            "--seeds", "0",
+            "--arms", "grpo", "pure_sdpo",
+            "--eval-every", "1",
+            "--eval-prompts", "4",
+            "--discover-questions", "2",
+            "--discover-budget", "8",
+            "--out", str(out),
+            "--runs", str(runs),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1200,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "study.json").read_text())
+    assert set(record["training"]) >= {"grpo", "pure_sdpo"}
+    # Three evaluations per run (steps 0, 1, 2), at 0, 64 and 128 generations (8 prompts x G = 8).
+    curve = record["training"]["grpo"]["curves"][0]
+    assert [e["generations"] for e in curve] == [0, 64, 128]
+    assert set(record["discover"]["methods"]) == {"sdpo", "best_of_k", "multi_turn"}
+    for name in ("study.png", "discovery.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    assert "| grpo |" in (out / "study.md").read_text()
