@@ -77,8 +77,20 @@ def test_arithmetic_feedback_helps_without_giving_the_answer():
 
 
 def test_unknown_task_names_the_closest():
-    with pytest.raises(KeyError, match=r"arithmetic.*Available tasks: arithmetic, code, reversal"):
+    with pytest.raises(
+        KeyError, match=r"arithmetic.*Available tasks: arithmetic, arithmetic_hard, code, reversal"
+    ):
         load_task("arithmetc", "train")
     with pytest.raises(ValueError, match="split"):
         load_task("arithmetic", "test")
     assert set(GENERATED) <= set(TASKS)
+
+
+def test_arithmetic_hard_is_units_carry_additions_with_disjoint_splits():
+    train, evaluation = load_task("arithmetic_hard", "train"), load_task("arithmetic_hard", "eval")
+    assert len(evaluation) == 200 and len(train) == 2000
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in evaluation}
+    for row in train[:200] + evaluation:
+        a, b = map(int, row["prompt"][3:-1].split("+"))
+        assert 10 <= a <= 99 and 10 <= b <= 99 and a % 10 + b % 10 >= 10
+        assert row["answer"] == str(a + b)
