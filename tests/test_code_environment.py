@@ -311,21 +311,32 @@ def test_hostile_programs_score_zero_with_meaningful_feedback(
     assert all(secret not in (o.feedback or "") for o in outs)
 
 
-@pytest.mark.parametrize("level", ["no-bwrap", "no-namespaces"])
-def test_fallback_isolation_judges_the_same(monkeypatch, level):
-    """Without bubblewrap (and without unshare), the judge still works and still contains programs."""
+def _judge_at(monkeypatch, level: str, **limits) -> tuple[CodeExecutionRewardModel, object]:
+    """A judge whose sandbox runs at ``level``: ``best``, ``no-bwrap`` (bubblewrap hidden from
+    detection: the namespace level) or ``no-namespaces`` (unshare hidden too, unsafe allowed)."""
     from sdpo import sandbox
 
     monkeypatch.setattr(sandbox, "_detected", {})
-    if level == "no-namespaces":
-        monkeypatch.setattr(sandbox, "_find_tool", lambda name: None)
-    config = SandboxConfig(wall_time_s=2.0, cpu_time_s=2.0, isolate_filesystem=False)
+    if level != "best":
+        real = sandbox._find_tool
+        hidden = {"bwrap"} if level == "no-bwrap" else {"bwrap", "unshare"}
+        monkeypatch.setattr(sandbox, "_find_tool", lambda n: None if n in hidden else real(n))
+    config = SandboxConfig(allow_unsafe=level == "no-namespaces", **limits)
     try:
         isolation = detect_isolation(config)
     except SandboxUnavailableError as exc:
         pytest.skip(str(exc))
-    assert not isolation.filesystem
-    judge = CodeExecutionRewardModel(sandbox_config=config)
+    if level == "no-bwrap" and isolation.level != "namespaces":
+        pytest.skip("unshare is not usable here")
+    return CodeExecutionRewardModel(sandbox_config=config), isolation
+
+
+@pytest.mark.parametrize("level", ["no-bwrap", "no-namespaces"])
+def test_fallback_isolation_judges_the_same(monkeypatch, level):
+    """Without bubblewrap (and without unshare), the judge still works and still contains programs."""
+    judge, isolation = _judge_at(monkeypatch, level, wall_time_s=2.0, cpu_time_s=2.0)
+    assert isolation.level != "bwrap"
+    assert isolation.filesystem == (level == "no-bwrap")  # the namespace level hides the host
     programs = [
         SOLVE,
         "def solve(a, b):\n    return a - b\n",
@@ -341,6 +352,80 @@ def test_fallback_isolation_judges_the_same(monkeypatch, level):
     )
     assert [o.score for o in outs] == [1.0] + [0.0] * (len(programs) - 1)
     assert all(o.info["isolation"] == str(isolation) for o in outs)
+
+
+@pytest.mark.parametrize("level", ["best", "no-bwrap"])
+def test_stopping_the_harness_does_not_stall_the_judge(monkeypatch, level):
+    """A program that SIGSTOPs its harness: the harness is resumed, the cases run as usual."""
+    judge, _ = _judge_at(monkeypatch, level, wall_time_s=2.0, cpu_time_s=2.0)
+    stop = "import os, signal\nos.kill(os.getppid(), signal.SIGSTOP)\n"
+    out = score(judge, stop + SOLVE)
+    assert verdicts(out) == ["passed"] * 3 and out.score == 1.0, out.feedback
+
+
+def test_hidden_test_details_never_reach_the_feedback(judge):
+    """Whatever a program puts in an exception, its type's name or its exit status, feedback on a
+    hidden case names only the verdict (the visible cases pass, so the hidden one is reported)."""
+    visible = "    if (a, b) in ((2, 3), (-1, 1)):\n        return a + b\n"
+    programs = {
+        "message": "def solve(a, b):\n" + visible + "    raise ValueError(f'leak {a} {b}')\n",
+        "exception name": "def solve(a, b):\n"
+        + visible
+        + "    raise type(f'Leak{a}x{b}', (Exception,), {})()\n",
+        "exit status": "import sys\ndef solve(a, b):\n" + visible + "    sys.exit(a % 256)\n",
+        "printed": "def solve(a, b):\n" + visible + "    print(a, b)\n    raise KeyError(a)\n",
+    }
+    outs = judge(
+        [""] * len(programs), [fenced(p) for p in programs.values()], tests=[CALL_TESTS] * 4
+    )
+    for name, out in zip(programs, outs, strict=True):
+        assert out.score == 0.0 and "hidden test" in out.feedback, (name, out.feedback)
+        for secret in ("400", "587", str(400 % 256)):
+            assert secret not in out.feedback, (name, out.feedback)
+    assert "KeyError" in outs[3].feedback  # a built-in exception's name is fine to show
+
+
+@pytest.mark.parametrize("level", ["best", "no-bwrap"])
+def test_builtin_task_hidden_tests_cannot_be_read_from_the_sandbox(monkeypatch, level):
+    """A program that looks its answers up in the task's data file (whose absolute path it knows)
+    instead of solving the problem scores 0."""
+    judge, _ = _judge_at(monkeypatch, level, wall_time_s=2.0, cpu_time_s=2.0)
+    cheat = f"""
+import ast, json, sys
+try:
+    data = json.load(open({str(code_task.DATA_FILE)!r}))
+except OSError as e:
+    raise SystemExit(f'no answers: {{type(e).__name__}}')
+table, stdio = {{}}, {{}}
+for p in data:
+    for t in p['tests']:
+        if 'call' in t:
+            node = ast.parse(t['call'], mode='eval').body
+            args = tuple(ast.literal_eval(a) for a in node.args)
+            table.setdefault(node.func.id, []).append((args, t['expected']))
+        else:
+            stdio[t['stdin']] = t['stdout']
+def make(name):
+    def f(*args):
+        for a, e in table[name]:
+            if a == args:
+                try:
+                    return ast.literal_eval(e) if isinstance(e, str) else e
+                except (ValueError, SyntaxError):
+                    return e
+    return f
+for name in table:
+    globals()[name] = make(name)
+if __name__ == '__main__':
+    print(stdio.get(sys.stdin.read(), ''), end='')
+"""
+    problems = code_task.problems()[:6]
+    outs = judge(
+        [p["prompt"] for p in problems],
+        [fenced(cheat)] * len(problems),
+        tests=[p["tests"] for p in problems],
+    )
+    assert [o.score for o in outs] == [0.0] * len(problems), [o.feedback for o in outs]
 
 
 # ----- the built-in task -------------------------------------------------------------------------

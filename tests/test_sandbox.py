@@ -4,9 +4,14 @@ the probe verified the limit that contains them; the fallback levels get the sam
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
+import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -32,12 +37,20 @@ def fresh_detection(monkeypatch):
     monkeypatch.setattr(sandbox, "_detected", {})
 
 
-def _at_level(monkeypatch, level: str) -> SandboxConfig:
-    """A config that runs at ``level`` (skips if this machine cannot)."""
+def _at_level(monkeypatch, level: str, **limits) -> SandboxConfig:
+    """A config that runs at ``level`` (skips if this machine cannot).
+
+    ``no-bwrap`` hides bubblewrap from detection (as on a machine without it: the namespace
+    level); ``no-namespaces`` hides unshare too and allows unsafe execution (the rlimits level).
+    """
     monkeypatch.setattr(sandbox, "_detected", {})
-    if level == "no-namespaces":
-        monkeypatch.setattr(sandbox, "_find_tool", lambda name: None)
-    config = SandboxConfig(isolate_filesystem=level == "best")
+    if level != "best":
+        real = sandbox._find_tool
+        hidden = {"bwrap"} if level == "no-bwrap" else {"bwrap", "unshare"}
+        monkeypatch.setattr(
+            sandbox, "_find_tool", lambda name: None if name in hidden else real(name)
+        )
+    config = SandboxConfig(allow_unsafe=level == "no-namespaces", **limits)
     try:
         isolation = detect_isolation(config)
     except SandboxUnavailableError as exc:
@@ -165,9 +178,7 @@ def test_fork_bomb_is_contained_and_leaves_nothing(monkeypatch, level):
         pytest.skip("the process limit is not verified here; not running a fork bomb")
     marker = f"forkbomb-{uuid.uuid4().hex}"
     bomb = f"# {marker}\nimport os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
-    config = SandboxConfig(
-        wall_time_s=1.5, max_processes=8, isolate_filesystem=config.isolate_filesystem
-    )
+    config = dataclasses.replace(config, wall_time_s=1.5, max_processes=8)
     result = run_program([isolation.python, "-c", bomb], config=config)
     assert result.timed_out and not result.ok
     assert _survivors(marker) == []
@@ -357,3 +368,243 @@ def test_config_validation():
         SandboxConfig(wall_time_s=0)
     with pytest.raises(ValueError, match="max_processes"):
         SandboxConfig(max_processes=0)
+
+
+# ----- issue 8: the sandbox without bubblewrap, memory held in files, privileges, limits ---------
+
+SAFE_LEVELS = ["best", "no-bwrap"]  # the levels that run by default (no allow_unsafe)
+
+
+@pytest.fixture
+def host_dir():
+    """A directory on the host that every user can reach (like most of the file system)."""
+    path = tempfile.mkdtemp(prefix="sdpo-host-", dir="/tmp")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.parametrize("level", SAFE_LEVELS)
+def test_host_files_are_out_of_reach_and_temporary_directories_private(
+    monkeypatch, host_dir, level
+):
+    config = _at_level(monkeypatch, level)
+    writable = os.path.join(host_dir, "world-writable.txt")  # file permissions alone do not help
+    readable = os.path.join(host_dir, "world-readable.txt")
+    for path, mode in ((writable, 0o666), (readable, 0o644)):
+        with open(path, "w") as f:
+            f.write("precious")
+        os.chmod(path, mode)
+    marker = f"sdpo-left-{uuid.uuid4().hex}"
+    program = f"""
+import os
+for attack in (lambda: open({writable!r}, 'a').write('pwned'),
+               lambda: print('read', open({readable!r}).read())):
+    try:
+        attack()
+        print('succeeded')
+    except OSError as e:
+        print('blocked', type(e).__name__)
+for d in ('/tmp', '/var/tmp', '/dev/shm', '.'):
+    try:
+        open(os.path.join(d, {marker!r}), 'w').write('left behind')
+        print('wrote', d, sorted(os.listdir(d)))
+    except OSError as e:
+        print('cannot write', d, type(e).__name__)
+"""
+    result = run_program(program, config=config)
+    assert result.returncode == 0, result.stderr
+    assert "succeeded" not in result.stdout and "precious" not in result.stdout
+    assert result.stdout.count("blocked") == 2
+    for d in ("/tmp", "/var/tmp", "/dev/shm"):  # writable inside, private, and empty at start
+        assert f"wrote {d} [{marker!r}]" in result.stdout, result.stdout
+        assert not os.path.exists(os.path.join(d, marker))
+    assert open(writable).read() == "precious"
+
+
+def _setuid_id(host_dir: str) -> str:
+    """A setuid-root copy of ``id`` (as a setuid binary, it would print euid 0)."""
+    path = os.path.join(host_dir, "id-setuid")
+    shutil.copy("/usr/bin/id", path)
+    os.chown(path, 0, 0)
+    os.chmod(path, 0o4755)
+    return path
+
+
+@pytest.mark.parametrize("level", [*SAFE_LEVELS, "no-namespaces"])
+def test_no_new_privs_at_every_level(monkeypatch, host_dir, level):
+    config = _at_level(monkeypatch, level)
+    result = run_program("print(open('/proc/self/status').read())", config=config)
+    assert "NoNewPrivs:\t1" in result.stdout
+    if os.geteuid() == 0 and os.path.exists("/usr/bin/id"):
+        # where the host file system is visible, a setuid-root binary must not give root back
+        setuid = _setuid_id(host_dir)
+        program = f"import subprocess\nprint(subprocess.run([{setuid!r}, '-u'], capture_output=True, text=True).stdout)"
+        result = run_program(program, config=config)
+        assert result.stdout.strip() != "0", result
+
+
+def test_non_root_user_without_bubblewrap_cannot_touch_its_own_files(tmp_path):
+    """A non-root trainer: the program runs as that user's uid, yet its files stay out of reach."""
+    python = "/usr/bin/python3"
+    if os.geteuid() != 0 or not shutil.which("setpriv") or not os.path.exists(python):
+        pytest.skip("needs root (to become nobody with setpriv) and /usr/bin/python3")
+    home = tempfile.mkdtemp(prefix="sdpo-nobody-", dir="/tmp")
+    try:
+        os.chmod(home, 0o755)
+        shutil.copy(sandbox.__file__, os.path.join(home, "sandbox_under_test.py"))
+        own = os.path.join(home, "checkpoint.txt")
+        with open(own, "w") as f:
+            f.write("precious")
+        os.chmod(own, 0o600)
+        for path in (home, own):
+            os.chown(path, 65534, 65534)
+        marker = f"sdpo-left-{uuid.uuid4().hex}"
+        script = f"""
+import importlib.util, json, shutil, sys
+spec = importlib.util.spec_from_file_location("sandbox_under_test", "sandbox_under_test.py")
+sandbox = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = sandbox
+spec.loader.exec_module(sandbox)
+sandbox._find_tool = lambda name: None if name == "bwrap" else shutil.which(name)  # hidden
+try:
+    level = sandbox.detect_isolation(sandbox.SandboxConfig()).level
+except sandbox.SandboxUnavailableError as exc:
+    print(json.dumps({{"refused": str(exc)}}))
+    raise SystemExit
+program = '''
+import os
+try:
+    open({own!r}, 'a').write('pwned')
+    print('appended')
+except OSError as e:
+    print('blocked', type(e).__name__)
+open('/tmp/{marker}', 'w').write('x')
+print(open('/proc/self/status').read())
+'''
+result = sandbox.run_program(program)
+print(json.dumps({{"level": level, "stdout": result.stdout, "stderr": result.stderr}}))
+"""
+        proc = subprocess.run(
+            [
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                python,
+                "-I",
+                "-c",
+                script,
+            ],
+            cwd=home,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"},
+        )
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+        if "refused" in report:  # no user namespaces for nobody: refusing is the safe outcome
+            assert "apt-get install bubblewrap" in report["refused"]
+            return
+        assert "weaker than bubblewrap" in proc.stderr  # the WARNING reaches stderr
+        assert "appended" not in report["stdout"] and "blocked" in report["stdout"], report
+        assert "NoNewPrivs:\t1" in report["stdout"]
+        assert open(own).read() == "precious"
+        assert not os.path.exists(f"/tmp/{marker}")
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+MEMFD_HOG = """
+import os
+held, fds = 0, []
+try:
+    while held < {target}:
+        fd = os.memfd_create('hog')
+        os.write(fd, b'x' * {chunk})
+        fds.append(fd)
+        held += {chunk}
+except OSError as e:
+    print('stopped', type(e).__name__)
+print('held', held >> 20, 'MiB')
+"""
+
+
+@pytest.mark.parametrize("level", [*SAFE_LEVELS, "no-namespaces"])
+def test_memory_held_in_memfd_files_beyond_the_limit_is_killed(monkeypatch, level):
+    config = _at_level(monkeypatch, level, memory_bytes=96 << 20, wall_time_s=20.0)
+    if not detect_isolation(config).memory_cgroup:
+        pytest.skip("no memory cgroup can be created here (see the next test for the rlimit bound)")
+    # 1 MiB at a time, in files the address-space limit does not count
+    result = run_program(MEMFD_HOG.format(target=384 << 20, chunk=1 << 20), config=config)
+    assert "held 384 MiB" not in result.stdout
+    assert result.killed_by_signal == "SIGKILL" and not result.ok, result
+    assert result.memory_exceeded
+
+
+@pytest.mark.parametrize("level", SAFE_LEVELS)
+def test_without_a_cgroup_file_limits_bound_memfd_memory(monkeypatch, level):
+    config = _at_level(monkeypatch, level, memory_bytes=64 << 20, wall_time_s=20.0)
+    monkeypatch.setattr(sandbox, "_cgroup_base", [None], raising=False)  # as without cgroups
+    # a program that keeps at most 3x the limit (so that the test itself stays small)
+    result = run_program(MEMFD_HOG.format(target=192 << 20, chunk=1 << 20), config=config)
+    held = int(result.stdout.split("held ")[1].split()[0]) if "held " in result.stdout else 0
+    assert held <= 64 + 8, result  # processes x open files x file size <= memory_bytes
+
+
+def test_sigxcpu_ignored_is_still_a_timeout():
+    _best()
+    config = SandboxConfig(wall_time_s=60.0, cpu_time_s=1.0)
+    program = "import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\nwhile True:\n    pass"
+    result = run_program(program, config=config)
+    assert result.timed_out and not result.ok, result
+
+
+def test_infinite_cpu_time_means_no_cpu_limit():
+    result = run_program("print(sum(range(10**6)))", config=SandboxConfig(cpu_time_s=float("inf")))
+    assert result.ok and result.stdout == f"{sum(range(10**6))}\n"
+    for name in ("wall_time_s", "memory_bytes"):
+        with pytest.raises(ValueError, match=name):
+            SandboxConfig(**{name: float("inf")})
+
+
+@pytest.mark.parametrize("level", SAFE_LEVELS)
+def test_a_program_that_stops_its_supervisor_is_resumed(monkeypatch, level):
+    config = _at_level(monkeypatch, level, wall_time_s=30.0)
+    program = "import os, signal, time\nos.kill(os.getppid(), signal.SIGSTOP)\nos.kill(os.getpid(), signal.SIGSTOP)\nprint('resumed')"
+    result = run_program(program, config=config)
+    assert result.stdout == "resumed\n" and not result.timed_out, result
+
+
+def test_weaker_isolation_is_a_warning_on_stderr():
+    """What `sdpo train` prints (it configures no logging): the WARNING, without bubblewrap."""
+    script = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('sb', {sandbox.__file__!r})\n"
+        "sb = importlib.util.module_from_spec(spec); sys.modules['sb'] = sb\n"
+        "spec.loader.exec_module(sb)\n"
+        "print(sb.run_program('print(1)').stdout, end='')\n"
+    )
+    env = {**os.environ, "SDPO_SANDBOX_ISOLATION": "namespaces"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
+    if "SandboxUnavailableError" in proc.stderr:
+        pytest.skip("no namespace level here")
+    assert proc.stdout == "1\n", proc.stderr
+    assert "weaker than bubblewrap" in proc.stderr and "apt-get install bubblewrap" in proc.stderr
+
+
+def test_without_any_namespaces_it_refuses_unless_unsafe_is_allowed(monkeypatch, caplog):
+    monkeypatch.setattr(sandbox, "_detected", {})
+    monkeypatch.setattr(sandbox, "_find_tool", lambda name: None)
+    monkeypatch.delenv("SDPO_SANDBOX_ALLOW_UNSAFE", raising=False)
+    with pytest.raises(SandboxUnavailableError, match="apt-get install bubblewrap"):
+        run_program("print(1)")
+    with caplog.at_level(logging.WARNING, logger="sdpo.sandbox"):
+        result = run_program("print(1)", config=SandboxConfig(allow_unsafe=True))
+    assert result.stdout == "1\n" and result.isolation.startswith(("rlimits", "unsafe"))
+    assert any(
+        "weaker than bubblewrap" in r.message or "UNSAFE" in r.message for r in caplog.records
+    )

@@ -4,22 +4,29 @@ Every program runs in its own process, started through the best mechanism this p
 chosen once by :func:`detect_isolation` and verified by a probe, not assumed:
 
 - ``bwrap``: bubblewrap. A private root file system (read-only system directories and the Python
-  installation without its installed packages; no home, no ``/tmp``; the only writable place is
-  the working directory, in memory and size-capped), no network, own PID/IPC/UTS namespaces.
-- ``namespaces``: ``unshare``. No network, own PID namespace (with its own ``/proc``); the host
-  file system, guarded by file permissions only.
-- ``rlimits``: resource limits and process-group killing only.
+  installation without its installed packages; no home, no project, no data), no network, own
+  PID/IPC/UTS namespaces.
+- ``namespaces``: the same file-system view built by this module with ``unshare`` (a private mount
+  namespace: read-only system directories, nothing else of the host), no network, own
+  PID/IPC/UTS namespaces. Used when bubblewrap is missing; a WARNING says so.
+- ``rlimits``: resource limits, a uid of its own (as root) and process-group killing only; the host
+  file system is visible. Only with ``allow_unsafe=True`` (a WARNING says so).
 
-On every level: wall-clock, CPU-time, address-space, file-size and process-count limits; an
-unprivileged user (as root, a random uid of its own per run, so the process limit counts this run
-alone and every process of the run can be found and killed); a fresh working directory removed
-afterwards; a scrubbed environment; no inherited file descriptors beyond 0-2; output read with a
-size cap; everything the program started killed at the end (PID namespace teardown, process group,
-and, as root, every process of the run's uid).
+On every level: wall-clock, CPU-time, address-space, file-size, open-file and process-count limits;
+``no_new_privs`` (setuid binaries gain nothing); a memory cgroup (``memory.max``/``pids.max``, so
+memory held in memfd or tmpfs files counts too) where the platform lets this process create one,
+otherwise much lower open-file and file-size limits that bound such memory; an unprivileged user
+(as root, a random uid of its own per run); private, size-capped ``/tmp``, ``/var/tmp``,
+``/dev/shm`` and working directory (all levels but ``rlimits``); a scrubbed environment; no
+inherited file descriptors beyond 0-2; output read with a size cap; a supervisor that resumes a
+stopped program and reports a CPU-limit kill as such; everything the program started killed at
+the end (PID namespace teardown, cgroup, process group, and, as root, every process of the run's
+uid).
 
-If the minimal guarantees (time, memory and process limits; killing everything) cannot be
-verified, :func:`run_program` refuses with :class:`SandboxUnavailableError` unless
-``SandboxConfig(allow_unsafe=True)``.
+If the guarantees of ``bwrap`` or ``namespaces`` (file system, time, memory and process limits;
+killing everything) cannot be verified, :func:`run_program` refuses with
+:class:`SandboxUnavailableError` unless ``SandboxConfig(allow_unsafe=True)``. The README's
+"Sandbox" section lists what each level guarantees and what it does not.
 
 Usage::
 
@@ -29,10 +36,12 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
 import logging
+import math
 import os
 import secrets
 import selectors
@@ -58,21 +67,28 @@ class SandboxUnavailableError(RuntimeError):
     """The platform cannot enforce the sandbox's minimal guarantees (and unsafe mode is off)."""
 
 
+ISOLATION_LEVELS = ("auto", "bwrap", "namespaces", "rlimits")
+ENV_ISOLATION = "SDPO_SANDBOX_ISOLATION"  # overrides isolation="auto": bwrap | namespaces | rlimits
+ENV_ALLOW_UNSAFE = "SDPO_SANDBOX_ALLOW_UNSAFE"  # "1": as allow_unsafe=True
+
+
 @dataclass(frozen=True)
 class SandboxConfig:
     """Limits and isolation of one sandboxed run."""
 
     wall_time_s: float = 10.0  # wall-clock limit of the whole run; the program is killed after it
-    cpu_time_s: float = 10.0  # CPU seconds per process (SIGXCPU, then SIGKILL one second later)
-    memory_bytes: int = 512 << 20  # address-space limit per process
+    cpu_time_s: float = 10.0  # CPU seconds per process (SIGXCPU, then SIGKILL); inf: no CPU limit
+    memory_bytes: int = 512 << 20  # address space per process; and, where a memory cgroup is
+    # available, all memory of the run together (memfd and tmpfs files included), plus 32 MiB
     file_size_bytes: int = 16 << 20  # largest file a process may write (SIGXFSZ beyond it)
-    workdir_bytes: int = 64 << 20  # all files together; bubblewrap only (an in-memory directory)
+    workdir_bytes: int = 64 << 20  # the writable places (working dir, /tmp, /var/tmp, /dev/shm)
     max_processes: int = 8  # processes and threads of the run, all together
     max_output_bytes: int = 1 << 20  # per stream; beyond it the program is stopped, output cut
     isolate_network: bool = True  # private network namespace (no interfaces but loopback)
-    isolate_filesystem: bool = True  # use bubblewrap when it is installed and works
+    isolate_filesystem: bool = True  # False: skip bubblewrap (the namespace level still isolates)
     python: str | None = None  # interpreter for Python sources; None = this one (or a system one)
-    allow_unsafe: bool = False  # run even if the minimal guarantees cannot be met
+    allow_unsafe: bool = False  # allow the rlimits level (host file system visible) or none at all
+    isolation: str = "auto"  # auto (bwrap, else namespaces) | bwrap | namespaces | rlimits
 
     def __post_init__(self) -> None:
         for name in (
@@ -84,8 +100,19 @@ class SandboxConfig:
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"SandboxConfig.{name} must be > 0, got {getattr(self, name)!r}.")
+        for name in ("wall_time_s", "memory_bytes", "file_size_bytes", "workdir_bytes"):
+            if getattr(self, name) == float("inf"):
+                raise ValueError(
+                    f"SandboxConfig.{name} must be finite (only cpu_time_s may be inf, "
+                    "meaning no CPU-time limit; the wall clock still applies)."
+                )
         if self.max_processes < 1 or self.max_output_bytes < 1:
             raise ValueError("SandboxConfig.max_processes and max_output_bytes must be >= 1.")
+        if self.isolation not in ISOLATION_LEVELS:
+            raise ValueError(
+                f"SandboxConfig.isolation must be one of {', '.join(ISOLATION_LEVELS)}; "
+                f"got {self.isolation!r}."
+            )
 
 
 @dataclass
@@ -101,6 +128,8 @@ class ExecutionResult:
         output_truncated: a stream exceeded ``max_output_bytes``; the program was stopped.
         duration_s: wall-clock seconds from start to the end of clean-up.
         isolation: the isolation level in force (see :class:`Isolation`).
+        memory_exceeded: the run's memory cgroup hit its limit and the kernel killed a process
+            (then ``killed_by_signal`` is ``"SIGKILL"``).
     """
 
     stdout: str
@@ -111,6 +140,7 @@ class ExecutionResult:
     output_truncated: bool
     duration_s: float
     isolation: str
+    memory_exceeded: bool = False
 
     @property
     def ok(self) -> bool:
@@ -122,8 +152,8 @@ class ExecutionResult:
 class Isolation:
     """What :func:`detect_isolation` found to be in force, each property verified by a probe.
 
-    ``level`` is ``bwrap``, ``namespaces``, ``rlimits`` or ``unsafe`` (minimal guarantees missing,
-    allowed by ``allow_unsafe``). ``contained`` means a kill of "every process I may signal" from
+    ``level`` is ``bwrap``, ``namespaces``, ``rlimits`` (host file system visible; only with
+    ``allow_unsafe``) or ``unsafe`` (minimal guarantees missing, allowed by ``allow_unsafe``). ``contained`` means a kill of "every process I may signal" from
     inside the sandbox reaches the sandbox's own processes only (a PID namespace or a uid of its own).
     """
 
@@ -136,6 +166,8 @@ class Isolation:
     memory_limit: bool
     python: str
     notes: tuple[str, ...] = ()  # why stronger levels were not used
+    no_new_privs: bool = False  # setuid binaries run without their privileges
+    memory_cgroup: bool = False  # a cgroup per run limits the memory of all its processes
 
     @property
     def contained(self) -> bool:
@@ -151,6 +183,8 @@ class Isolation:
                 ("own-uid", self.unique_uid),
                 ("process-limit", self.process_limit),
                 ("memory-limit", self.memory_limit),
+                ("memory-cgroup", self.memory_cgroup),
+                ("no-new-privs", self.no_new_privs),
             )
             if on
         ]
@@ -159,40 +193,153 @@ class Isolation:
 
 # ----- the process started inside the sandbox -----------------------------------------------------
 
-# Runs first in every sandboxed process: limits, then the uid drop, then (as PID 1 of a fresh
-# namespace) a minimal init, then the program. Only trusted code runs before the drop.
+# Runs first in every sandboxed process, as the launcher's (possibly namespaced) root: the private
+# file system (namespaces level), limits, the uid drop (or, in a user namespace, dropping every
+# capability), no_new_privs, then a supervisor (PID 1 of a fresh namespace: also the reaper) that
+# forks the program. Only trusted code runs before the drop. Argument 1 is a JSON spec.
 _BOOT = r"""
-import os, resource, sys
-cpu, mem, fsize, nproc, uid, init = (int(v) for v in sys.argv[1:7])
+import json, os, resource, signal, sys
+spec = json.loads(sys.argv[1])
+try:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+except Exception as exc:
+    sys.stderr.write(f"sandbox: ctypes is unavailable ({exc}); cannot set no_new_privs\n")
+    os._exit(126)
+
+
+def fail(what):
+    sys.stderr.write(f"sandbox: {what}: {os.strerror(ctypes.get_errno())}\n")
+    os._exit(126)
+
+
+def private_root(fs, main):
+    RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, MOVE, REC = 1, 2, 4, 8, 32, 4096, 8192, 16384
+    PRIVATE = 1 << 18
+    kept = {1024: 1024, 2048: 2048, 4096: 1 << 21, NOEXEC: NOEXEC}  # statvfs -> mount flags
+
+    def mount(src, dst, fstype, flags, data=None):
+        enc = lambda v: None if v is None else v.encode()
+        if libc.mount(enc(src), enc(dst), enc(fstype), ctypes.c_ulong(flags), enc(data)) != 0:
+            fail(f"mount {dst}")
+
+    def bind(src, dst, readonly=True):
+        if os.path.isdir(src):
+            os.makedirs(dst, 0o755, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(dst), 0o755, exist_ok=True)
+            open(dst, "a").close()
+        mount(src, dst, None, BIND)
+        if readonly:  # flags a user namespace may not clear (noexec, atime) are kept
+            have = os.statvfs(dst).f_flag
+            extra = sum(flag for st, flag in kept.items() if have & st)
+            mount(None, dst, None, REMOUNT | BIND | RDONLY | NOSUID | NODEV | extra)
+
+    mount(None, "/", None, REC | PRIVATE)
+    top = fs["workdir"]  # the host's empty working directory: covered here by a private tmpfs
+    mount("tmpfs", top, "tmpfs", NOSUID | NODEV, f"size={fs['size']},mode=0755")
+    root = top + "/root"
+    os.mkdir(root, 0o755)
+    mount(root, root, None, BIND)  # a mount point, so that it can be moved to / below
+    for target, link in fs["symlinks"]:
+        os.symlink(target, root + link)
+    for path in fs["dirs"]:
+        os.makedirs(root + path, 0o755, exist_ok=True)
+    for path in fs["binds"]:
+        bind(path, root + path)
+    for path in fs["hide"]:
+        mount("tmpfs", root + path, "tmpfs", RDONLY | NOSUID | NODEV, "size=4k,mode=0555")
+    os.makedirs(root + "/dev", 0o755)
+    for dev in ("null", "zero", "full", "random", "urandom", "tty"):
+        if os.path.exists("/dev/" + dev):
+            bind("/dev/" + dev, root + "/dev/" + dev, readonly=False)
+    for i, name in enumerate(("stdin", "stdout", "stderr")):
+        os.symlink(f"/proc/self/fd/{i}", f"{root}/dev/{name}")
+    os.symlink("/proc/self/fd", root + "/dev/fd")
+    os.mkdir(root + "/proc", 0o755)
+    mount("proc", root + "/proc", "proc", NOSUID | NODEV | NOEXEC)
+    for inside in ("/sandbox", "/tmp", "/var/tmp", "/dev/shm"):  # writable: one capped tmpfs
+        scratch = top + "/w" + inside.replace("/", "_")
+        os.makedirs(scratch)
+        os.chmod(scratch, 0o1777)
+        os.makedirs(root + inside, 0o755, exist_ok=True)
+        bind(scratch, root + inside, readonly=False)
+    if main is not None:
+        with open(top + "/w_sandbox/main.py", "wb") as f:
+            f.write(main)
+        os.chmod(top + "/w_sandbox/main.py", 0o444)
+    mount(None, root, None, REMOUNT | BIND | RDONLY | NOSUID | NODEV)
+    os.chdir(root)
+    mount(root, "/", None, MOVE)
+    os.chroot(".")
+    os.chdir("/sandbox")
+
+
+os.umask(0o022)
+if spec["fs"]:
+    main = None
+    if spec["tail"][0] == "code":
+        with open("main.py", "rb") as f:
+            main = f.read()
+    private_root(spec["fs"], main)
 R = resource
-R.setrlimit(R.RLIMIT_CPU, (cpu, cpu + 1))
-R.setrlimit(R.RLIMIT_AS, (mem, mem))
-R.setrlimit(R.RLIMIT_FSIZE, (fsize, fsize))
-R.setrlimit(R.RLIMIT_NPROC, (nproc, nproc))
+cpu = spec["cpu"]
+if cpu > 0:
+    R.setrlimit(R.RLIMIT_CPU, (cpu, cpu + 1))
+R.setrlimit(R.RLIMIT_AS, (spec["mem"], spec["mem"]))
+R.setrlimit(R.RLIMIT_FSIZE, (spec["fsize"], spec["fsize"]))
+R.setrlimit(R.RLIMIT_NPROC, (spec["nproc"], spec["nproc"]))
 R.setrlimit(R.RLIMIT_CORE, (0, 0))
-R.setrlimit(R.RLIMIT_NOFILE, (256, 256))
+R.setrlimit(R.RLIMIT_NOFILE, (spec["nofile"], spec["nofile"]))
+uid = spec["uid"]
 if uid >= 0:
     os.setgroups([]); os.setgid(uid); os.setuid(uid)
     if (os.getuid(), os.geteuid(), os.getgid(), os.getegid()) != (uid,) * 4:
         os._exit(125)
-if init and os.getpid() == 1:
-    child = os.fork()
-    if child:
-        # PID 1 of the namespace: reap everything; leave (taking the namespace down) with the program
-        while True:
-            pid, status = os.wait()
-            if pid == child:
-                os._exit(status >> 8 if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
-if sys.argv[7] == "exec":
+elif spec["drop_caps"]:  # root of a user namespace: keep the uid, lose every capability
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            fail("dropping capabilities")
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)
+    if libc.capset(header, (ctypes.c_uint32 * 6)()) != 0:
+        fail("capset")
+if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+    fail("no_new_privs")
+child = os.fork()
+if child:
+    # The supervisor: resumes the program when something stops it, reaps orphans (as PID 1), and
+    # leaves (taking a PID namespace down) with the program, reporting a signal as 128 + number.
+    while True:
+        try:
+            pid, status, usage = os.wait4(-1, os.WUNTRACED)
+        except ChildProcessError:
+            os._exit(125)
+        except InterruptedError:
+            continue
+        if pid != child:
+            continue
+        if os.WIFSTOPPED(status):
+            os.kill(child, signal.SIGCONT)
+            continue
+        if os.WIFEXITED(status):
+            os._exit(os.WEXITSTATUS(status))
+        sig = os.WTERMSIG(status)
+        if sig == signal.SIGKILL and cpu > 0 and usage.ru_utime + usage.ru_stime >= cpu - 0.05:
+            sig = signal.SIGXCPU  # the hard CPU limit: SIGXCPU was ignored
+        os._exit(128 + sig)
+tail = spec["tail"]
+if tail[0] == "exec":
     try:
-        os.execvp(sys.argv[8], sys.argv[8:])
+        os.execvp(tail[1], tail[1:])
     except OSError as e:
-        sys.stderr.write(f"sandbox: cannot execute {sys.argv[8]!r}: {e}\n")
+        sys.stderr.write(f"sandbox: cannot execute {tail[1]!r}: {e}\n")
         os._exit(127)
 import builtins
 with open("main.py", "rb") as f:
     code = compile(f.read(), "main.py", "exec")
-del os, resource, R, cpu, mem, fsize, nproc, uid, init, f
+del os, resource, R, cpu, uid, f, spec, tail, child, libc, ctypes, json, signal
 sys.argv = ["main.py"]
 g = {"__name__": "__main__", "__file__": "main.py", "__builtins__": builtins}
 try:
@@ -229,15 +376,18 @@ try:
     interfaces = sorted(name for _, name in socket.if_nameindex())
 except OSError:
     interfaces = None
+with open("/proc/self/status") as f:
+    nnp = "NoNewPrivs:\t1" in f.read()
 print(json.dumps({"forks": len(forks), "memory_limited": memory_limited, "interfaces": interfaces,
-                  "uid": os.getuid(), "host_file_visible": os.path.exists(HOST_FILE)}))
+                  "uid": os.getuid(), "no_new_privs": nnp,
+                  "host_file_visible": any(os.path.exists(p) for p in HOST_FILES)}))
 """
 _PROBE_CONFIG = SandboxConfig(
     wall_time_s=10.0, cpu_time_s=5.0, memory_bytes=256 << 20, max_processes=4
 )
 
 _UID_BASE, _UID_SPAN = 1_600_000_000, 400_000_000  # unlikely to belong to anyone else
-_SANDBOX_DIR = "/sandbox"  # the working directory as seen inside bwrap
+_SANDBOX_DIR = "/sandbox"  # the working directory as seen inside the sandbox (bwrap, namespaces)
 _PACKAGE_DIRS = (
     "{prefix}/lib/python3*/site-packages",
     "{prefix}/lib/python3*/dist-packages",
@@ -247,6 +397,10 @@ _PACKAGE_DIRS = (
     "/usr/local/lib/python3*/dist-packages",
 )
 _ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "nsswitch.conf")
+_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+_CGROUP_HEADROOM = 32 << 20  # the launcher's and the supervisor's own memory, on top of the limit
+_NOFILE = 256  # open files per process, where a memory cgroup bounds what they can hold
+_NOFILE_WITHOUT_CGROUP = 32  # otherwise: memfd/tmpfs memory <= processes x this x file size
 
 
 @dataclass(frozen=True)
@@ -257,6 +411,236 @@ class _Launch:
     python: str
     drop_uid: bool  # root: switch to a random uid of the run's own inside the sandbox
     network: bool  # request a private network namespace
+
+
+# ----- the file system a program sees ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _View:
+    """The host paths visible (read-only) inside ``bwrap`` and ``namespaces``; the rest is absent.
+
+    Installed packages stay out of sight (sources run with ``-S`` do not need them), and with them
+    any data shipped inside a package, e.g. a task's hidden tests.
+    """
+
+    symlinks: tuple[tuple[str, str], ...]  # (target, link): /bin -> usr/bin on merged-/usr systems
+    dirs: tuple[str, ...]  # created (mode 0755) so that binds below them stay reachable
+    binds: tuple[str, ...]  # read-only
+    hide: tuple[str, ...]  # covered by an empty read-only directory
+
+
+def _view(python: str) -> _View:
+    symlinks, dirs, binds = [], [], []
+    for d in _SYSTEM_DIRS:
+        if os.path.islink(d):
+            symlinks.append((os.readlink(d), d))
+        elif os.path.isdir(d):
+            binds.append(d)
+    binds += [f"/etc/{name}" for name in _ETC_FILES if os.path.exists(f"/etc/{name}")]
+    prefix = str(Path(python).parent.parent)  # the interpreter's installation
+    if not prefix.startswith("/usr/") and prefix not in ("/", "/usr"):
+        dirs += [str(p) for p in list(Path(prefix).parents)[::-1][1:]]  # "/" excluded
+        binds.append(prefix)
+    hide = [
+        path
+        for pattern in _PACKAGE_DIRS
+        for path in sorted(glob.glob(pattern.format(prefix=prefix)))
+    ]
+    return _View(tuple(symlinks), tuple(dirs), tuple(binds), tuple(dict.fromkeys(hide)))
+
+
+# ----- memory cgroups ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _CgroupBase:
+    """Where per-run cgroups are created: cgroup v2 (one directory) or v1 (memory, pids)."""
+
+    version: int
+    dirs: tuple[str, ...]
+
+
+_cgroup_base: list[_CgroupBase | None] = []  # detected once
+
+
+def _mounts() -> list[tuple[str, str, str, set[str]]]:
+    """(root, mount point, fs type, super options) of every mount of this process."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, rest = left.split(), right.split()
+            if len(fields) >= 5 and len(rest) >= 3:
+                out.append((fields[3], fields[4], rest[0], set(rest[2].split(","))))
+    return out
+
+
+def _cgroup_candidates() -> list[_CgroupBase]:
+    """Writable places for per-run cgroups with memory and pids controllers, best first."""
+    with open("/proc/self/cgroup") as f:
+        own = [line.rstrip("\n").split(":", 2) for line in f]
+    mounts = _mounts()
+
+    def host_dir(fstype: str, controller: str | None, path: str) -> str | None:
+        for root, point, kind, opts in mounts:
+            if kind == fstype and (controller is None or controller in opts):
+                if path == root or path.startswith(root.rstrip("/") + "/"):
+                    return point.rstrip("/") + "/" + path[len(root) :].lstrip("/")
+        return None
+
+    found = []
+    v2 = next((p for h, c, p in own if h == "0" and c == ""), None)
+    mine = host_dir("cgroup2", None, v2) if v2 is not None else None
+    if mine:
+        # Processes may not live in an inner cgroup that has controllers for children ("no
+        # internal processes"): next to this process's own cgroup, or below the root.
+        parent = mine if v2 == "/" else os.path.dirname(mine.rstrip("/"))
+        try:
+            with open(f"{parent}/cgroup.subtree_control") as f:
+                enabled = set(f.read().split())
+            if v2 == "/" and not {"memory", "pids"} <= enabled:
+                with open(f"{parent}/cgroup.subtree_control", "w") as f:
+                    f.write("+memory +pids")
+                enabled = {"memory", "pids"}
+            if {"memory", "pids"} <= enabled:
+                found.append(_CgroupBase(2, (parent,)))
+        except OSError:
+            pass
+    v1 = {}
+    for _, controllers, path in own:
+        for controller in ("memory", "pids"):
+            if controller in controllers.split(","):
+                v1[controller] = host_dir("cgroup", controller, path)
+    if v1.get("memory") and v1.get("pids"):
+        found.append(_CgroupBase(1, (v1["memory"].rstrip("/"), v1["pids"].rstrip("/"))))
+    return found
+
+
+def _detect_cgroups() -> _CgroupBase | None:
+    """A cgroup location where this process verifiably can create, join and remove run cgroups."""
+    if _cgroup_base:
+        return _cgroup_base[0]
+    chosen = None
+    try:
+        candidates = _cgroup_candidates()
+    except OSError:
+        candidates = []
+    for base in candidates:
+        try:
+            group = _RunCgroup(base, 64 << 20, 8)
+        except OSError:
+            continue
+        try:
+            out = subprocess.run(
+                [*group.join_argv(), "/bin/cat", "/proc/self/cgroup"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            ).stdout
+            if all(d.rsplit("/", 1)[1] in out for d in group.dirs):
+                chosen = base
+        except (OSError, subprocess.SubprocessError):
+            pass
+        finally:
+            group.remove()
+        if chosen:
+            break
+    _cgroup_base.append(chosen)
+    return chosen
+
+
+class _RunCgroup:
+    """One run's cgroup(s): a memory limit for all its processes together, and a process limit."""
+
+    def __init__(self, base: _CgroupBase, memory: int, pids: int) -> None:
+        name = f"sdpo-sandbox-{os.getpid()}-{secrets.token_hex(6)}"
+        self.version = base.version
+        self.dirs = [f"{d}/{name}" for d in base.dirs]
+        try:
+            for d in self.dirs:
+                os.mkdir(d)
+            if self.version == 2:
+                self._write("memory.max", memory)
+                self._write("memory.swap.max", 0, optional=True)
+                self._write("pids.max", pids)
+            else:
+                self._write("memory.limit_in_bytes", memory)
+                self._write("memory.memsw.limit_in_bytes", memory, optional=True)
+                self._write("pids.max", pids)
+        except OSError:
+            self.remove()
+            raise
+
+    def _write(self, name: str, value: int, optional: bool = False) -> None:
+        for d in self.dirs:
+            if os.path.exists(f"{d}/{name}"):
+                with open(f"{d}/{name}", "w") as f:
+                    f.write(str(value))
+                return
+        if not optional:
+            raise OSError(f"cgroup file {name} not found in {self.dirs}")
+
+    def join_argv(self) -> list[str]:
+        """A prefix that moves the command into the cgroup(s) before it starts (125 if it cannot)."""
+        script = (
+            'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
+        )
+        return [
+            "/bin/sh",
+            "-c",
+            script,
+            "sdpo-cgroup",
+            *(f"{d}/cgroup.procs" for d in self.dirs),
+            "--",
+        ]
+
+    def oom_killed(self) -> bool:
+        """Whether the memory limit made the kernel kill a process of the run."""
+        for name in ("memory.events", "memory.oom_control"):
+            path = f"{self.dirs[0]}/{name}"
+            try:
+                with open(path) as f:
+                    for line in f:
+                        key, _, value = line.partition(" ")
+                        if key == "oom_kill" and int(value) > 0:
+                            return True
+            except (OSError, ValueError):
+                continue
+        return False
+
+    def kill(self) -> None:
+        """SIGKILL every process in the cgroup, until none is left."""
+        for _ in range(1000):
+            pids = set()
+            for d in self.dirs:
+                try:
+                    with open(f"{d}/cgroup.procs") as f:
+                        pids.update(int(p) for p in f.read().split())
+                except OSError:
+                    pass
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.002)
+
+    def remove(self) -> None:
+        for d in self.dirs:
+            for _ in range(500):
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:  # its last processes are still exiting
+                    time.sleep(0.004)
+            else:
+                logger.error("Sandbox: could not remove the cgroup %s", d)
 
 
 # ----- isolation detection -----------------------------------------------------------------------
@@ -298,17 +682,34 @@ def _python_candidates(config: SandboxConfig, needs_world_access: bool) -> list[
     return out
 
 
+def _wanted_level(config: SandboxConfig) -> str:
+    level = config.isolation
+    if level == "auto":
+        level = os.environ.get(ENV_ISOLATION, "auto") or "auto"
+        if level not in ISOLATION_LEVELS:
+            raise ValueError(
+                f"{ENV_ISOLATION}={level!r}: expected one of {', '.join(ISOLATION_LEVELS)}."
+            )
+    return level
+
+
+def _unsafe_allowed(config: SandboxConfig) -> bool:
+    return config.allow_unsafe or os.environ.get(ENV_ALLOW_UNSAFE, "") not in ("", "0")
+
+
 def _candidates(config: SandboxConfig) -> list[_Launch]:
     root = os.geteuid() == 0
+    level = _wanted_level(config)
     out: list[_Launch] = []
-    if config.isolate_filesystem and _find_tool("bwrap"):
+    if level in ("auto", "bwrap") and config.isolate_filesystem and _find_tool("bwrap"):
         for py in _python_candidates(config, needs_world_access=False):
             out.append(_Launch("bwrap", py, drop_uid=root, network=config.isolate_network))
-    if _find_tool("unshare"):
+    if level in ("auto", "namespaces") and _find_tool("unshare"):
         for py in _python_candidates(config, needs_world_access=root):
             out.append(_Launch("unshare", py, drop_uid=root, network=config.isolate_network))
-    for py in _python_candidates(config, needs_world_access=root):
-        out.append(_Launch("plain", py, drop_uid=root, network=False))
+    if level == "rlimits" or (level == "auto" and _unsafe_allowed(config)):
+        for py in _python_candidates(config, needs_world_access=root):
+            out.append(_Launch("plain", py, drop_uid=root, network=False))
     return out
 
 
@@ -319,9 +720,16 @@ def _probe(launch: _Launch) -> tuple[Isolation | None, str]:
         launch.python,
     )  # fmt: skip
     try:
-        with tempfile.NamedTemporaryFile(prefix="sdpo-probe-") as host_file:  # hidden by bwrap?
-            os.chmod(host_file.name, 0o644)
-            probe = _PROBE.replace("HOST_FILE", repr(host_file.name))
+        with contextlib.ExitStack() as stack:  # host files in the shared temporary directories
+            paths = []
+            for where in (None, "/var/tmp", "/dev/shm"):
+                if where is None or os.path.isdir(where):
+                    host_file = stack.enter_context(
+                        tempfile.NamedTemporaryFile(prefix="sdpo-probe-", dir=where)
+                    )
+                    os.chmod(host_file.name, 0o644)
+                    paths.append(host_file.name)
+            probe = _PROBE.replace("HOST_FILES", repr(paths))
             result = _run(probe, b"", _PROBE_CONFIG, launch, provisional)
         report = json.loads(result.stdout.strip().splitlines()[-1])
     except (OSError, ValueError, IndexError) as exc:
@@ -331,23 +739,25 @@ def _probe(launch: _Launch) -> tuple[Isolation | None, str]:
     process_limit = report["forks"] < 12
     isolation = Isolation(
         level={"bwrap": "bwrap", "unshare": "namespaces", "plain": "rlimits"}[launch.launcher],
-        filesystem=launch.launcher == "bwrap" and not report["host_file_visible"],
+        filesystem=launch.launcher != "plain" and not report["host_file_visible"],
         network=report["interfaces"] == ["lo"],
         pid_namespace=launch.launcher != "plain",
         unique_uid=launch.drop_uid and report["uid"] != 0,
         process_limit=process_limit,
         memory_limit=report["memory_limited"],
         python=launch.python,
+        no_new_privs=report["no_new_privs"],
+        memory_cgroup=_detect_cgroups() is not None,
     )
-    missing = [
-        name
-        for name, ok in (
-            ("process limit", process_limit),
-            ("memory limit", isolation.memory_limit),
-            ("containment of all processes (PID namespace or own uid)", isolation.contained),
-        )
-        if not ok
+    required = [
+        ("process limit", process_limit),
+        ("memory limit", isolation.memory_limit),
+        ("containment of all processes (PID namespace or own uid)", isolation.contained),
+        ("no_new_privs", isolation.no_new_privs),
     ]
+    if launch.launcher != "plain":
+        required.append(("private file system", isolation.filesystem))
+    missing = [name for name, ok in required if not ok]
     if missing:
         return None, f"{launch.launcher}: not in force: {', '.join(missing)}"
     return isolation, ""
@@ -357,17 +767,28 @@ def detect_isolation(config: SandboxConfig | None = None) -> Isolation:
     """The best isolation this platform verifiably offers for ``config`` (probed once, then cached).
 
     Raises:
-        SandboxUnavailableError: no launcher meets the minimal guarantees and ``allow_unsafe`` is off.
+        SandboxUnavailableError: no launcher meets the guarantees of ``bwrap`` or ``namespaces``
+            (or the level asked for) and unsafe execution is not allowed.
     """
     return _resolve(config or SandboxConfig())[0]
 
 
 def _resolve(config: SandboxConfig) -> tuple[Isolation, _Launch]:
-    key = (config.isolate_network, config.isolate_filesystem, config.python, config.allow_unsafe)
+    level = _wanted_level(config)
+    unsafe = _unsafe_allowed(config)
+    key = (config.isolate_network, config.isolate_filesystem, config.python, unsafe, level)
     with _detect_lock:
         if key in _detected:
             return _detected[key]
+        if level == "rlimits" and not unsafe:
+            raise SandboxUnavailableError(
+                "Sandbox isolation 'rlimits' leaves the host file system visible to untrusted "
+                "code; it needs SandboxConfig(allow_unsafe=True) (or "
+                f"{ENV_ALLOW_UNSAFE}=1). Prefer bubblewrap: apt-get install bubblewrap."
+            )
         failures: list[str] = []
+        if level in ("auto", "bwrap") and not (config.isolate_filesystem and _find_tool("bwrap")):
+            failures.append("bwrap: bubblewrap is not installed (apt-get install bubblewrap)")
         chosen: tuple[Isolation, _Launch] | None = None
         for launch in _candidates(config):
             isolation, why = _probe(launch)
@@ -380,12 +801,13 @@ def _resolve(config: SandboxConfig) -> tuple[Isolation, _Launch]:
                 "no Python interpreter that the sandbox's unprivileged user can run "
                 "(set SandboxConfig.python to one outside a private home directory)"
             )
-            if not config.allow_unsafe:
+            if not unsafe:
                 raise SandboxUnavailableError(
-                    "The sandbox cannot guarantee time, memory and process limits and the killing "
-                    f"of every process on this platform ({reasons}). Install bubblewrap "
-                    "(apt-get install bubblewrap) or allow user namespaces; or, knowing that "
-                    "untrusted code then runs unconfined, pass SandboxConfig(allow_unsafe=True)."
+                    "The sandbox cannot guarantee a private file system, time, memory and process "
+                    f"limits and the killing of every process on this platform ({reasons}). "
+                    "Install bubblewrap (apt-get install bubblewrap) or allow user namespaces; "
+                    "or, knowing that untrusted code then runs on the host file system, pass "
+                    f"SandboxConfig(allow_unsafe=True) (or set {ENV_ALLOW_UNSAFE}=1)."
                 )
             py = (_python_candidates(config, False) or [sys.executable])[0]
             launch = _Launch("plain", py, drop_uid=False, network=False)
@@ -394,13 +816,27 @@ def _resolve(config: SandboxConfig) -> tuple[Isolation, _Launch]:
             chosen = (isolation, launch)
             logger.warning("Sandbox: UNSAFE mode, untrusted code runs unconfined (%s).", reasons)
         else:
-            logger.info("Sandbox isolation: %s, python %s", chosen[0], chosen[1].python)
-            if config.isolate_network and not chosen[0].network:
+            isolation = chosen[0]
+            logger.info("Sandbox isolation: %s, python %s", isolation, chosen[1].python)
+            if isolation.level != "bwrap":
+                logger.warning(
+                    "Sandbox: isolation is weaker than bubblewrap: level %s (%s). %s "
+                    "Install bubblewrap for the strongest isolation: apt-get install bubblewrap.",
+                    isolation.level,
+                    "; ".join(failures) or "bubblewrap not used",
+                    "Untrusted code can READ the host file system (no private mount namespace)."
+                    if isolation.level == "rlimits"
+                    else "The private file system is built by sdpo with unshare.",
+                )
+            if not isolation.memory_cgroup:
+                logger.warning(
+                    "Sandbox: no memory cgroup can be created here; memory held in memfd/tmpfs "
+                    "files is bounded only by lower open-file and file-size limits."
+                )
+            if config.isolate_network and not isolation.network:
                 logger.warning(
                     "Sandbox: no private network namespace here; programs can reach the network."
                 )
-            if failures:
-                logger.info("Sandbox: stronger levels unavailable: %s", "; ".join(failures))
         _detected[key] = chosen
         return chosen
 
@@ -460,6 +896,7 @@ def _run(
     workdir = tempfile.mkdtemp(prefix="sdpo-sandbox-")
     uid = _UID_BASE + secrets.randbelow(_UID_SPAN) if launch.drop_uid else -1
     proc: subprocess.Popen | None = None
+    cgroup: _RunCgroup | None = None
     try:
         if uid >= 0:
             os.chown(workdir, uid, uid)
@@ -470,14 +907,40 @@ def _run(
             tail = ["code"]
         else:
             tail = ["exec", *program]
-        init = launch.launcher == "unshare"  # bwrap brings its own init
-        nproc = config.max_processes + (1 if init else 0)
-        boot = [
-            launch.python, "-I", "-S", "-c", _BOOT,
-            str(max(1, round(config.cpu_time_s))), str(config.memory_bytes),
-            str(config.file_size_bytes), str(nproc), str(uid), str(int(init)), *tail,
-        ]  # fmt: skip
-        inside = _SANDBOX_DIR if launch.launcher == "bwrap" else workdir
+        nproc = config.max_processes + 1  # the supervisor
+        base = _detect_cgroups()
+        if base is not None:
+            cgroup = _RunCgroup(base, config.memory_bytes + _CGROUP_HEADROOM, nproc + 3)
+            nofile, fsize = _NOFILE, config.file_size_bytes
+        else:  # bound what memfd/tmpfs files can hold: processes x open files x file size
+            nofile = _NOFILE_WITHOUT_CGROUP
+            fsize = min(
+                config.file_size_bytes, max(1 << 20, config.memory_bytes // (nproc * nofile))
+            )
+        fs = None
+        if launch.launcher == "unshare":
+            view = _view(launch.python)
+            fs = {
+                "workdir": workdir,
+                "size": config.workdir_bytes,
+                "symlinks": view.symlinks,
+                "dirs": view.dirs,
+                "binds": view.binds,
+                "hide": view.hide,
+            }
+        spec = {
+            "cpu": math.ceil(config.cpu_time_s) if math.isfinite(config.cpu_time_s) else 0,
+            "mem": config.memory_bytes,
+            "fsize": fsize,
+            "nproc": nproc,
+            "nofile": nofile,
+            "uid": uid,
+            "drop_caps": launch.launcher != "plain" and os.geteuid() != 0,
+            "fs": fs,
+            "tail": tail,
+        }
+        boot = [launch.python, "-I", "-S", "-c", _BOOT, json.dumps(spec)]
+        inside = workdir if launch.launcher == "plain" else _SANDBOX_DIR
         env = {
             "PATH": "/usr/local/bin:/usr/bin:/bin",
             "HOME": inside,
@@ -485,11 +948,14 @@ def _run(
             "LANG": "C.UTF-8",
             "LC_ALL": "C.UTF-8",
         }
+        argv = _launcher_argv(launch, workdir, config) + boot
+        if cgroup is not None:
+            argv = cgroup.join_argv() + argv
         with tempfile.TemporaryFile() as stdin_file:
             stdin_file.write(stdin)
             stdin_file.seek(0)
             proc = subprocess.Popen(
-                _launcher_argv(launch, workdir, config) + boot,
+                argv,
                 stdin=stdin_file,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -504,10 +970,15 @@ def _run(
         if proc is not None:
             # A launcher that exited by itself took its PID namespace down with it.
             ended = proc.poll() is not None and launch.launcher != "plain"
-            _kill_everything(proc, -1 if ended else uid)
+            _kill_everything(proc, -1 if ended else uid, cgroup)
+        memory_exceeded = cgroup is not None and cgroup.oom_killed()
+        if cgroup is not None:
+            cgroup.remove()
         shutil.rmtree(workdir, onerror=_force_remove)
-    returncode, sig = _exit_status(proc.returncode, launch)
-    timed_out = timed_out or sig == "SIGXCPU"  # the CPU-time limit
+    returncode, sig = _exit_status(proc.returncode)
+    if memory_exceeded and sig is None and returncode != 0:
+        returncode, sig = None, "SIGKILL"  # the launcher itself, or PID 1, was the one killed
+    timed_out = timed_out or sig == "SIGXCPU"  # the CPU-time limit (the supervisor reports it)
     return ExecutionResult(
         stdout=out.decode("utf-8", "replace"),
         stderr=err.decode("utf-8", "replace"),
@@ -517,48 +988,43 @@ def _run(
         output_truncated=truncated,
         duration_s=time.monotonic() - start,
         isolation=str(isolation),
+        memory_exceeded=memory_exceeded,
     )
 
 
 def _launcher_argv(launch: _Launch, workdir: str, config: SandboxConfig) -> list[str]:
-    if launch.launcher == "unshare":
+    if launch.launcher == "unshare":  # the boot script builds the private file system inside
+        user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
         net = ["--net"] if launch.network else []
-        user = [] if os.geteuid() == 0 else ["--user"]
-        return ["unshare", *user, *net, "--pid", "--fork", "--kill-child", "--mount-proc", "--"]
+        return [
+            _find_tool("unshare") or "unshare", *user, *net, "--mount", "--ipc", "--uts", "--pid", "--fork",
+            "--kill-child", "--mount-proc", "--",
+        ]  # fmt: skip
     if launch.launcher != "bwrap":
         return []
-    argv = ["bwrap"]
-    for d in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
-        if os.path.islink(d):
-            argv += ["--symlink", os.readlink(d), d]
-        elif os.path.isdir(d):
-            argv += ["--ro-bind", d, d]
-    for name in _ETC_FILES:
-        if os.path.exists(f"/etc/{name}"):
-            argv += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
-    prefix = str(Path(launch.python).parent.parent)  # the interpreter's installation
-    if not prefix.startswith("/usr/") and prefix not in ("/", "/usr"):
-        parents = list(Path(prefix).parents)[::-1][1:]  # "/" excluded
-        for parent in parents:  # bwrap would create them mode 0700: unreachable after the uid drop
-            argv += ["--perms", "0755", "--dir", str(parent)]
-        argv += ["--ro-bind", prefix, prefix]
-    # Installed packages stay out of sight (sources run with -S do not need them), and with them
-    # any data shipped inside a package, e.g. a task's hidden tests.
-    for pattern in _PACKAGE_DIRS:
-        for path in sorted(glob.glob(pattern.format(prefix=prefix))):
-            argv += ["--perms", "0555", "--size", "4096", "--tmpfs", path]
-    # The working directory lives in memory, size-capped: no number of files can fill the disk.
-    argv += ["--perms", "01777", "--size", str(config.workdir_bytes), "--tmpfs", _SANDBOX_DIR]
+    view = _view(launch.python)
+    argv = [_find_tool("bwrap") or "bwrap"]
+    for target, link in view.symlinks:
+        argv += ["--symlink", target, link]
+    for d in view.dirs:  # bwrap would create them mode 0700: unreachable after the uid drop
+        argv += ["--perms", "0755", "--dir", d]
+    for path in view.binds:
+        argv += ["--ro-bind", path, path]
+    for path in view.hide:
+        argv += ["--perms", "0555", "--size", "4096", "--tmpfs", path]
+    argv += ["--dev", "/dev", "--proc", "/proc"]
+    # The writable places live in memory, size-capped: no number of files can fill the disk.
+    for path in (_SANDBOX_DIR, "/tmp", "/var/tmp", "/dev/shm"):
+        argv += ["--perms", "01777", "--size", str(config.workdir_bytes), "--tmpfs", path]
     if os.path.exists(f"{workdir}/main.py"):
         argv += ["--ro-bind", f"{workdir}/main.py", f"{_SANDBOX_DIR}/main.py"]
     argv += ["--chdir", _SANDBOX_DIR]
-    argv += ["--dev", "/dev", "--proc", "/proc"]
     argv += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
     if launch.network:
         argv.append("--unshare-net")
     if os.geteuid() != 0:
         argv += ["--unshare-user", "--disable-userns"]
-    argv += ["--die-with-parent", "--new-session", "--"]
+    argv += ["--as-pid-1", "--die-with-parent", "--new-session", "--"]
     return argv
 
 
@@ -606,14 +1072,16 @@ def _collect(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[bytes, 
     return bytes(bufs[out_fd]), bytes(bufs[err_fd]), timed_out, truncated
 
 
-def _kill_everything(proc: subprocess.Popen, uid: int) -> None:
-    """Kill the run's process group (taking a PID namespace down with its launcher) and, when the
-    run had a uid of its own, every process with that uid, until none is left."""
+def _kill_everything(proc: subprocess.Popen, uid: int, cgroup: _RunCgroup | None = None) -> None:
+    """Kill the run's process group (taking a PID namespace down with its launcher), its cgroup
+    and, when the run had a uid of its own, every process with that uid, until none is left."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
     proc.wait()
+    if cgroup is not None:
+        cgroup.kill()
     if uid < 0:
         return
     for _ in range(1000):
@@ -650,13 +1118,13 @@ def _pids_of_uid(uid: int) -> list[int]:
     return pids
 
 
-def _exit_status(code: int | None, launch: _Launch) -> tuple[int | None, str | None]:
-    """(returncode, signal name): launchers with a PID namespace report a signal as 128 + number."""
+def _exit_status(code: int | None) -> tuple[int | None, str | None]:
+    """(returncode, signal name): the supervisor (and bwrap) report a signal as 128 + number."""
     if code is None:
         return None, None
     if code < 0:
         return None, signal.Signals(-code).name
-    if launch.launcher in ("bwrap", "unshare") and 128 < code < 128 + 65:
+    if 128 < code < 128 + 65:
         try:
             return None, signal.Signals(code - 128).name
         except ValueError:

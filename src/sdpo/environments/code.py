@@ -6,6 +6,11 @@ A row's ``tests`` column holds the cases, each one of::
     {"call": "solve(2, 3)", "expected": "5"}          # compared as Python literals
     {..., "hidden": true}                              # never shown in feedback
 
+What feedback may reveal of a hidden test: its verdict (wrong answer, timeout, output limit, a
+runtime error with a built-in exception's name, a kill by a resource limit), never its input,
+expected output, the program's output or traceback, or the exit status: nothing the program can
+fill with what it read. (A program can still signal a few bits by which verdict it provokes.)
+
 How a run cannot fake a pass: one sandboxed process (:mod:`sdpo.sandbox`) runs a trusted harness,
 which compiles the program and runs each case in a child process of its own. The program never sees
 an expected value: a child reports only what it printed or the ``repr`` of what the call returned,
@@ -19,6 +24,7 @@ writes one record carrying it. Anything else (no record, a malformed one, a wron
 from __future__ import annotations
 
 import ast
+import builtins
 import dataclasses
 import json
 import math
@@ -266,6 +272,14 @@ _SIGNALS = {
     "SIGXFSZ": "the file-size limit (the program wrote too large a file)",
     "SIGABRT": "an abort (often memory exhaustion)",
 }
+
+
+# Exception names that feedback on a hidden test may show (a program can name its own classes).
+_BUILTIN_ERRORS = frozenset(
+    name
+    for name, value in vars(builtins).items()
+    if isinstance(value, type) and issubclass(value, BaseException)
+)
 
 
 def normalize_output(text: str) -> list[str]:
@@ -536,9 +550,25 @@ class CodeExecutionRewardModel(RewardModel):
                     f"Output limit exceeded on {where}: more than {self.sandbox_config.max_output_bytes} bytes.\n{shown}"
                 )
             if verdict == "killed":
-                why = _SIGNALS.get(rec.get("signal", ""), f"signal {rec.get('signal')}")
+                default = "a signal" if case.hidden else f"signal {rec.get('signal')}"
+                why = _SIGNALS.get(rec.get("signal", ""), default)
                 return self._cap(
                     f"Runtime error on {where}: the program was killed by {why}.\n{shown}"
+                )
+            if case.hidden and verdict in ("runtime_error", "exited"):
+                # Nothing the program chose (message, traceback, exit status, exception name)
+                # may carry a hidden test's input back into the feedback.
+                name = rec.get("error_type")
+                kind = name if verdict == "runtime_error" and name in _BUILTIN_ERRORS else None
+                what = (
+                    f"an uncaught {kind}"
+                    if kind
+                    else (
+                        "an uncaught exception" if verdict == "runtime_error" else "a non-zero exit"
+                    )
+                )
+                return self._cap(
+                    f"Runtime error on {where}: {what} (details of hidden tests are not shown)."
                 )
             if verdict == "runtime_error":
                 tb = _clip(rec.get("traceback", rec.get("error_type", "")), 2 * field_cap)
