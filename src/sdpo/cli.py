@@ -213,7 +213,7 @@ def train(args: argparse.Namespace) -> int:
     policy = PolicyModel(
         config.model_name,
         device=config.model.device,
-        dtype=config.model.dtype,
+        dtype=config.model.param_dtype,
         trust_remote_code=config.model.trust_remote_code,
     )
     trainer = SDPOTrainer(

@@ -71,8 +71,23 @@ class ModelConfig:
 
     dtype: str = _f(
         "auto",
-        "Weights dtype; auto = float32 on CPU, bfloat16 on CUDA.",
+        "Compute dtype: forward/backward run under autocast in it; auto = bfloat16 on CUDA, float32 on CPU.",
         choices=("auto", "float32", "float16", "bfloat16"),
+    )
+    param_dtype: str = _f(
+        "float32",
+        "Dtype of the stored weights, gradients, AdamW state and EMA teacher. Keep float32: in "
+        "bfloat16 most small updates round away (lost updates); a warning says so.",
+        choices=("float32", "bfloat16", "float16"),
+    )
+    gradient_checkpointing: bool = _f(
+        False,
+        "Recompute the student backbone's activations in the backward pass (less memory, ~1/3 more compute).",
+    )
+    attn_implementation: str = _f(
+        "sdpa",
+        "Attention kernel: sdpa, eager, or flash_attention_2 (needs the flash-attn package and CUDA).",
+        choices=("sdpa", "eager", "flash_attention_2"),
     )
     device: str | None = _f(
         None, "Device to run on (cpu, cuda, cuda:1); None picks CUDA when available."

@@ -207,12 +207,22 @@ class PolicyModel:
         group; the teacher prompts of a group's failed rows, which all carry the same
         demonstration) share one pass over the prompt: the backbone runs once per distinct prompt
         with a KV cache, the cache is expanded to the n rows, and only the completions run per row.
-        The result equals the single pass up to float rounding, gradients included.
+        The result equals the single pass up to float rounding, gradients included. Under gradient
+        checkpointing (training mode, gradients on) every row runs the single pass.
         """
         model = unwrap(self.model if model is None else model)
         backbone = model.base_model
         cache_arg = _cache_kwarg(backbone)
-        share = share_prompts and cache_arg is not None
+        # Checkpointed layers drop the KV cache while recording a backward (transformers' rule),
+        # so the completion pass would not see the prompt: sharing steps aside there.
+        checkpointed = model.training and any(
+            getattr(m, "gradient_checkpointing", False) for m in model.modules()
+        )
+        share = (
+            share_prompts
+            and cache_arg is not None
+            and not (checkpointed and torch.is_grad_enabled())
+        )
         shared = _distinct_rows(prompt_ids, prompt_mask) if share else None
         if shared is None or completion_ids.shape[1] < 2:
             ids = torch.cat([prompt_ids, completion_ids], dim=1)
@@ -431,11 +441,12 @@ def _default_device() -> torch.device:
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """Dtype of the stored weights: float32 unless asked (compute precision is autocast's job,
+    see :mod:`sdpo.distributed`; the trainer casts to ``model.param_dtype``)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        # bf16 on this kind of CPU measured 8-9x slower than float32.
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.float32
     return getattr(torch, dtype)
 
 

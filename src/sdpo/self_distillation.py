@@ -309,9 +309,14 @@ def _tempered(
 
 
 def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
-    """``(hidden @ weightᵀ + bias) / temperature``, in at least float32."""
+    """``(hidden @ weightᵀ + bias) / temperature``, in at least float32.
+
+    Runs outside autocast in the weight's dtype: hidden states from a bfloat16-autocast backbone
+    meet float32 master weights in a float32 product (bfloat16 logits would carry |z|·2⁻⁸ errors).
+    """
     hidden, bias = _tempered(hidden, bias, temperature)
-    logits = F.linear(hidden, weight, bias)
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = F.linear(hidden.to(weight.dtype), weight, bias)
     return logits.to(_compute_dtype(logits))
 
 

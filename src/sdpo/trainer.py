@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import signal
 import sys
 import time
@@ -24,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 from torch import Tensor
 
 from sdpo import checkpoint as ckpt
 from sdpo import lora
 from sdpo.config import SDPOConfig
 from sdpo.data import PromptSource, load_rows
+from sdpo.distributed import Runtime
 from sdpo.evaluation import evaluate_policy
 from sdpo.policy_gradient import (
     aggregate_loss,
@@ -78,8 +77,8 @@ class SDPOTrainer:
         self.policy = policy_model
         self.reward_model = as_reward_model(reward_model)
         run = config.run
-        random.seed(run.seed)
-        torch.manual_seed(run.seed)
+        self.runtime = Runtime(self.config, policy_model.device)
+        self.runtime.seed(run.seed)
         self.train_data = PromptSource(
             train_dataloader, config.optimization.prompts_per_step, run.seed
         )
@@ -87,12 +86,12 @@ class SDPOTrainer:
         if self.eval_rows is not None and run.eval_max_prompts:
             self.eval_rows = self.eval_rows[: run.eval_max_prompts]
         self.callbacks = list(callbacks or [])
-        self.accelerator = Accelerator(cpu=policy_model.device.type == "cpu")
 
         sd, pg = config.self_distillation, config.policy_gradient
         needs_reference = pg.kl_penalty_weight > 0 or (
             sd.distillation_weight > 0 and sd.teacher in ("frozen", "trust_region")
         )
+        self.runtime.prepare_policy(policy_model.model)
         lora.attach(policy_model, config.model.lora)
         self.reference = reference_weights(policy_model) if needs_reference else None
         self.teacher = Teacher(sd.teacher, policy_model, sd.teacher_update_rate, self.reference)
@@ -151,9 +150,10 @@ class SDPOTrainer:
                 stacklevel=2,
             )
             return None
-        prompt_ids, prompt_mask, completion_ids, completion_mask = self.policy.generate(
-            encoded, g, self.config.generation, greedy=greedy
-        )
+        with self.runtime.autocast():
+            prompt_ids, prompt_mask, completion_ids, completion_mask = self.policy.generate(
+                encoded, g, self.config.generation, greedy=greedy
+            )
         expanded = [row for row in kept for _ in range(g)]
         return RolloutBatch(
             prompts=[row["prompt"] for row in expanded],
@@ -245,18 +245,19 @@ class SDPOTrainer:
         """Backward of the step's loss, micro-batch by micro-batch; None if the loss was non-finite."""
         sums: dict[str, float] = {}
         for idx in torch.arange(len(rollouts)).split(self.config.optimization.micro_batch_size):
-            loss, parts = self._micro_batch_loss(
-                rollouts,
-                idx,
-                prepared["advantages"],
-                prepared["teacher_prompts"],
-                prepared["old_logprobs"],
-                prepared["counts"],
-            )
+            with self.runtime.autocast():
+                loss, parts = self._micro_batch_loss(
+                    rollouts,
+                    idx,
+                    prepared["advantages"],
+                    prepared["teacher_prompts"],
+                    prepared["old_logprobs"],
+                    prepared["counts"],
+                )
             if not torch.isfinite(loss):
                 return None
             if loss.requires_grad:  # no term had a signal (e.g. pure SDPO, no teacher context)
-                self.accelerator.backward(loss)
+                loss.backward()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
         return sums
@@ -409,9 +410,10 @@ class SDPOTrainer:
         for idx in torch.arange(len(rollouts)).split(self.config.optimization.micro_batch_size):
             c_ids, c_mask = rollouts.completion_ids[idx], rollouts.completion_mask[idx]
             mask = c_mask.bool()
-            h = self.policy.completion_hidden(
-                rollouts.prompt_ids[idx], rollouts.prompt_mask[idx], c_ids, c_mask
-            )
+            with self.runtime.autocast():
+                h = self.policy.completion_hidden(
+                    rollouts.prompt_ids[idx], rollouts.prompt_mask[idx], c_ids, c_mask
+                )
             lp = policy_terms(
                 h[mask],
                 head.weight,
@@ -429,15 +431,8 @@ class SDPOTrainer:
         }
 
     def _clip_gradients(self) -> float:
-        max_norm = self.config.optimization.max_grad_norm
         params = [p for p in self.policy.model.parameters() if p.grad is not None]
-        if max_norm is None:
-            return (
-                float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
-                if params
-                else 0.0
-            )
-        return float(self.accelerator.clip_grad_norm_(params, max_norm))
+        return self.runtime.clip_grad_norm_(params, self.config.optimization.max_grad_norm)
 
     def _skip_nonfinite_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -475,12 +470,11 @@ class SDPOTrainer:
 
     def _build_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
         opt = self.config.optimization
-        optimizer = torch.optim.AdamW(
+        optimizer = self.runtime.optimizer(
             [p for p in self.policy.model.parameters() if p.requires_grad],
             lr=opt.learning_rate,
             betas=(opt.adam_beta1, opt.adam_beta2),
             weight_decay=opt.weight_decay,
-            foreach=True,  # one multi-tensor kernel per op; the default on CPU loops per tensor
         )
         total = self.config.run.max_steps * opt.updates_per_batch
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -499,17 +493,18 @@ class SDPOTrainer:
         if not self.eval_rows:
             return {}
         cfg = self.config
-        result = evaluate_policy(
-            self.policy,
-            self.reward_model,
-            self.eval_rows,
-            generation=cfg.generation,
-            num_samples=cfg.run.eval_num_samples,
-            success_threshold=cfg.self_distillation.success_reward_threshold,
-            seed=cfg.run.seed + 7919,
-            batch_size=max(cfg.optimization.prompts_per_step * cfg.num_samples_per_prompt, 1),
-            max_prompt_length=cfg.model.max_prompt_length,
-        )
+        with self.runtime.autocast():
+            result = evaluate_policy(
+                self.policy,
+                self.reward_model,
+                self.eval_rows,
+                generation=cfg.generation,
+                num_samples=cfg.run.eval_num_samples,
+                success_threshold=cfg.self_distillation.success_reward_threshold,
+                seed=cfg.run.seed + 7919,
+                batch_size=max(cfg.optimization.prompts_per_step * cfg.num_samples_per_prompt, 1),
+                max_prompt_length=cfg.model.max_prompt_length,
+            )
         metrics = {f"eval/{k}": v for k, v in result.metrics.items()}
         self._write_jsonl("metrics.jsonl", {"step": self.global_step, **metrics})
         for cb in self.callbacks:
@@ -582,7 +577,7 @@ class SDPOTrainer:
     # ----- logging & checkpoints --------------------------------------------------------------
 
     def _write_jsonl(self, name: str, record: dict[str, Any]) -> None:
-        if not self.accelerator.is_main_process:
+        if not self.runtime.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / name, "a") as fh:

@@ -1,0 +1,138 @@
+"""Precision policy and memory levers: fp32 master weights under bf16 autocast, an EMA teacher in
+float32, gradient checkpointing that leaves the loss and the gradients unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from sdpo import PolicyModel, SDPOConfig, SDPOTrainer
+
+ROWS = [
+    {"prompt": f"Q: {a}+{b}=", "answer": str(a + b)} for a in range(10, 14) for b in range(20, 24)
+]
+
+
+def one_success_per_group(prompts, completions, **columns):
+    return [float(i % 4 == 0) for i in range(len(completions))]
+
+
+def _trainer(tmp_path, dtype="float32", seed=0, **overrides) -> SDPOTrainer:
+    model, tok = make_tiny_llama(seed=seed, hidden=64)
+    base = dict(
+        num_samples_per_prompt=4,
+        generation__max_new_tokens=6,
+        generation__min_new_tokens=6,
+        optimization__prompts_per_step=2,
+        optimization__micro_batch_size=8,
+        run__output_dir=str(tmp_path / "run"),
+        run__progress_bar=False,
+        model__dtype=dtype,
+    )
+    base.update(overrides)
+    config = SDPOConfig(**base)
+    # As the CLI builds it: the policy loaded in model.dtype (before: pure bf16 weights).
+    policy = PolicyModel(model=model, tokenizer=tok, dtype=config.model.dtype)
+    return SDPOTrainer(
+        config=config,
+        policy_model=policy,
+        reward_model=one_success_per_group,
+        train_dataloader=ROWS,
+    )
+
+
+def _batch(trainer: SDPOTrainer):
+    rollouts = trainer.generate(trainer.train_data.next_batch())
+    trainer.score(rollouts)
+    return rollouts, trainer.reprompt(rollouts)
+
+
+def test_bf16_compute_keeps_fp32_master_weights_and_small_updates(tmp_path):
+    beta = 0.01
+    trainer = _trainer(
+        tmp_path,
+        dtype="bfloat16",
+        optimization__learning_rate=1e-6,
+        self_distillation__teacher_update_rate=beta,
+        policy_gradient__kl_penalty_weight=0.0,
+    )
+    model, teacher = trainer.policy.model, trainer.teacher.copy
+    assert trainer.runtime.compute_dtype == torch.bfloat16
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert all(p.dtype == torch.float32 for p in params.values())
+    assert all(p.dtype == torch.float32 for p in teacher.parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    phi = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    trainer.step()
+    changed = sum(int((p.detach() != before[n]).sum()) for n, p in params.items())
+    total = sum(p.numel() for p in params.values())
+    assert changed / total >= 0.99, f"only {changed / total:.1%} of the weights changed"
+    # EMA teacher: (1-β)·φ + β·θ in float64, to float32 rounding of the result.
+    theta = dict(model.named_parameters())
+    for name, p in teacher.named_parameters():
+        want = (1 - beta) * phi[name].double() + beta * theta[name].detach().double()
+        torch.testing.assert_close(p.double(), want, rtol=2**-23, atol=1e-12, msg=name)
+
+
+def test_bf16_autocast_loss_is_close_to_fp32_loss(tmp_path):
+    fp32 = _trainer(tmp_path / "a", dtype="float32")
+    bf16 = _trainer(tmp_path / "b", dtype="bfloat16")
+    rollouts, contexts = _batch(fp32)
+    assert any(c is not None for c in contexts)
+    losses = {}
+    for name, trainer in (("fp32", fp32), ("bf16", bf16)):
+        prepared = trainer.prepare(rollouts, contexts)
+        sums = trainer.accumulate_gradients(rollouts, prepared)
+        losses[name] = trainer._loss_metrics(sums, prepared["counts"])
+    # bf16 keeps 8 significant bits (relative rounding 2^-9 ≈ 0.2% per op); through the backbone
+    # the hidden states drift by about 1%, and the loss — a difference of log-probs — by a few
+    # percent of its own size. The LM head itself runs in fp32.
+    for key in ("loss", "policy_loss", "self_distillation/distillation_loss", "entropy"):
+        a, b = losses["fp32"][key], losses["bf16"][key]
+        assert abs(a - b) <= 0.05 * abs(a) + 1e-3, (key, a, b)
+    assert losses["fp32"]["loss"] != losses["bf16"]["loss"]  # autocast really ran in bf16
+
+
+def test_pure_low_precision_weights_only_on_request_with_a_warning(tmp_path):
+    with pytest.warns(UserWarning, match="lost"):
+        trainer = _trainer(tmp_path, model__param_dtype="bfloat16")
+    assert next(trainer.policy.model.parameters()).dtype == torch.bfloat16
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gradient_checkpointing_keeps_loss_and_gradients(tmp_path):
+    """The trap: checkpointed layers in train mode drop the KV cache, so the shared-prompt pass
+    would score completions without their prompt. The loss must not change."""
+    plain = _trainer(tmp_path / "a")
+    ckpt = _trainer(tmp_path / "b", model__gradient_checkpointing=True)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in ckpt.policy.model.modules())
+    rollouts, contexts = _batch(plain)
+    out = {}
+    for name, trainer in (("plain", plain), ("ckpt", ckpt)):
+        trainer.policy.model.train()
+        prepared = trainer.prepare(rollouts, contexts)
+        trainer.policy.model.zero_grad(set_to_none=True)
+        sums = trainer.accumulate_gradients(rollouts, prepared)
+        out[name] = (trainer._loss_metrics(sums, prepared["counts"]), _grads(trainer.policy.model))
+    for key in ("loss", "policy_loss", "self_distillation/distillation_loss"):
+        assert out["ckpt"][0][key] == pytest.approx(out["plain"][0][key], rel=1e-5, abs=1e-7), key
+    assert out["plain"][1].keys() == out["ckpt"][1].keys()
+    for name, g in out["plain"][1].items():
+        torch.testing.assert_close(out["ckpt"][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_eager_and_sdpa_attention_give_the_same_loss(tmp_path):
+    sdpa = _trainer(tmp_path / "a")
+    eager = _trainer(tmp_path / "b", model__attn_implementation="eager")
+    assert eager.policy.model.config._attn_implementation == "eager"
+    rollouts, contexts = _batch(sdpa)
+    losses = []
+    for trainer in (sdpa, eager):
+        prepared = trainer.prepare(rollouts, contexts)
+        sums = trainer.accumulate_gradients(rollouts, prepared)
+        losses.append(trainer._loss_metrics(sums, prepared["counts"])["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-6)
