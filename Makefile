@@ -10,6 +10,9 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	# trl's reward functions for the `compat` tests: pure Python, and trl.rewards needs nothing
+	# beyond sdpo's own dependencies, so no --deps (the `bench` extra installs trl in full).
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt trl
 	@touch $(STAMP)
 
 test: setup

@@ -126,6 +126,12 @@ class PromptSource:
             check_row(row, i)
         return rows
 
+    @property
+    def progress(self) -> float:
+        """Epochs consumed so far, fractional (TRL's ``trainer_state.epoch``)."""
+        size = len(self.rows) if self.rows is not None else len(self.loader)
+        return self.epoch + self.index / max(size, 1)
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}
 

@@ -25,7 +25,8 @@ import torch
 
 from sdpo import checkpoint as ckpt
 from sdpo.config import GenerationConfig
-from sdpo.reward_model import RewardModel, normalize_answer
+from sdpo.policy_model import completion_id_lists
+from sdpo.reward_model import RewardModel, call_reward_model, normalize_answer
 
 # ----- the figures (pure) ------------------------------------------------------------------------
 
@@ -251,12 +252,12 @@ def _generate_and_score(
         _, _, completion_ids, completion_mask = policy.generate(ids, g, generation, greedy=greedy)
         completions = policy.decode(completion_ids, completion_mask)
         expanded = [row for row in batch for _ in range(g)]
-        columns = {k: [row.get(k) for row in expanded] for k in expanded[0] if k != "prompt"}
-        outputs = reward_model([row["prompt"] for row in expanded], completions, **columns)
-        if len(outputs) != len(expanded):
-            raise ValueError(
-                f"Reward model {reward_model.name!r} returned {len(outputs)} results for {len(expanded)} completions."
-            )
+        outputs, _ = call_reward_model(
+            reward_model,
+            expanded,
+            completions,
+            completion_id_lists(completion_ids, completion_mask),
+        )
         lengths = completion_mask.sum(-1).tolist()
         for j, record in enumerate(records[start : start + len(batch)]):
             outs = outputs[j * g : (j + 1) * g]

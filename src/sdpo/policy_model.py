@@ -48,6 +48,8 @@ class RolloutBatch:
     rewards: Tensor | None = None
     feedback: list[str | None] = field(default_factory=list)
     reward_info: list[dict[str, Any]] = field(default_factory=list)
+    reward_metrics: dict[str, float] = field(default_factory=dict)  # from reward fns' log_metric
+    reward_extra: dict[str, list[Any]] = field(default_factory=dict)  # from their log_extra
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -427,6 +429,11 @@ def _filter(logits: Tensor, top_k: int, top_p: float) -> Tensor:
             torch.zeros_like(remove).scatter(-1, order, remove), float("-inf")
         )
     return logits
+
+
+def completion_id_lists(completion_ids: Tensor, completion_mask: Tensor) -> list[list[int]]:
+    """Each row's completion tokens (up to and including EOS) as a list: ``[N, L]`` -> N lists."""
+    return [ids[m.bool()].tolist() for ids, m in zip(completion_ids, completion_mask, strict=True)]
 
 
 def completion_tokens_mask(completion_ids: Tensor, eos_token_id: int) -> Tensor:

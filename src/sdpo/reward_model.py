@@ -12,6 +12,11 @@ Built-in models (each a :class:`RewardModel`):
 
 Feedback is for format problems only (no answer found, a syntax error): it never contains the
 expected answer, which would leak the label into the teacher's context (SPEC section 9).
+
+The trainer calls reward models the way TRL's ``GRPOTrainer`` calls reward functions: for a chat
+prompt (a list of messages) each completion is ``[{"role": "assistant", "content": text}]``
+(:func:`as_trl_completions`), for a plain prompt it is the text; besides the dataset's columns
+it passes the keyword arguments of :data:`TRAINER_KWARGS`.
 """
 
 from __future__ import annotations
@@ -28,6 +33,50 @@ from dataclasses import dataclass, field
 from typing import Any
 
 Prompt = str | list[dict[str, str]]
+Completion = str | list[dict[str, str]]
+
+TRAINER_KWARGS = ("completion_ids", "trainer_state", "log_metric", "log_extra")
+"""Keyword arguments the trainer passes to reward models besides the dataset's columns (TRL's names):
+
+- ``completion_ids``: ``list[list[int]]``, each completion's token ids up to and including EOS;
+- ``trainer_state``: a ``transformers.TrainerState`` with ``global_step``, ``max_steps``, ``epoch``;
+- ``log_metric(name, value)``: a scalar, averaged over the training step and written with its
+  metrics to ``metrics.jsonl`` (evaluation ignores it);
+- ``log_extra(column, values)``: one value per completion, written to that step's
+  ``samples.jsonl`` records under ``"extra"``.
+"""
+_NOT_PER_SAMPLE = ("trainer_state", "log_metric", "log_extra")  # one object for the whole batch
+
+
+class RewardLog:
+    """What reward functions log through TRL's hooks during one scoring call.
+
+    ``log_metric(name, value)`` appends to ``metrics[name]``; ``log_extra(column, values)`` extends
+    ``extra[column]`` (one value per completion).
+    """
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, list[float]] = {}
+        self.extra: dict[str, list[Any]] = {}
+
+    def log_metric(self, name: str, value: float) -> None:
+        self.metrics.setdefault(name, []).append(float(value))
+
+    def log_extra(self, column: str, values: Sequence[Any]) -> None:
+        self.extra.setdefault(column, []).extend(values)
+
+    def metric_means(self) -> dict[str, float]:
+        """Each logged metric averaged over the calls (TRL averages over the logging step)."""
+        return {name: sum(v) / len(v) for name, v in self.metrics.items() if v}
+
+
+def as_trl_completions(prompts: Sequence[Prompt], completions: Sequence[str]) -> list[Completion]:
+    """Completions in TRL's form: ``[{"role": "assistant", "content": text}]`` where the prompt is
+    chat messages, the text itself where it is a string."""
+    return [
+        [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+        for prompt, text in zip(prompts, completions, strict=True)
+    ]
 
 
 @dataclass
@@ -48,8 +97,10 @@ class RewardOutput:
 class RewardModel(ABC):
     """Scores completions: ``reward_model(prompts, completions, **columns) -> list[RewardOutput]``.
 
-    ``prompts`` and ``completions`` have one entry per completion; each of ``columns`` (the dataset's
-    other fields, e.g. ``answer`` or ``tests``) has one value per completion too.
+    ``prompts`` and ``completions`` have one entry per completion (a completion is text, or
+    ``[{"role": "assistant", "content": text}]`` for a chat prompt: :func:`as_trl_completions`);
+    each of ``columns`` (the dataset's other fields, e.g. ``answer`` or ``tests``) has one value per
+    completion too. From the trainer, ``columns`` also holds :data:`TRAINER_KWARGS`.
     """
 
     name: str = "reward"
@@ -84,8 +135,13 @@ def _column(owner: str, columns: dict[str, Any], names: Sequence[str], n: int) -
             return values
     wanted = repr(names[0]) + "".join(f" (or {nm!r})" for nm in names[1:])
     raise MissingColumnError(
-        f"{owner} needs the column {wanted}, but the batch only has the columns {sorted(columns)}."
+        f"{owner} needs the column {wanted}, but the batch only has the columns {_data_columns(columns)}."
     )
+
+
+def _data_columns(columns: dict[str, Any]) -> list[str]:
+    """The dataset's column names among ``columns`` (without the trainer's keyword arguments)."""
+    return sorted(k for k in columns if k not in TRAINER_KWARGS)
 
 
 def _text(completion: Any) -> str:
@@ -93,6 +149,42 @@ def _text(completion: Any) -> str:
     if isinstance(completion, list):
         return str(completion[-1]["content"]) if completion else ""
     return "" if completion is None else str(completion)
+
+
+def call_reward_model(
+    reward_model: RewardModel,
+    rows: Sequence[dict[str, Any]],
+    completions: Sequence[str],
+    completion_ids: Sequence[Sequence[int]],
+    trainer_state: Any = None,
+) -> tuple[list[RewardOutput], RewardLog]:
+    """Score the completions of ``rows`` as TRL's GRPOTrainer calls reward functions.
+
+    ``reward_model(prompts, completions, completion_ids=, trainer_state=, log_metric=, log_extra=,
+    **columns)`` with completions in TRL's form (:func:`as_trl_completions`) and ``columns`` the
+    rows' other fields. ``trainer_state`` defaults to a fresh ``transformers.TrainerState``.
+    Returns one :class:`RewardOutput` per completion and what the hooks logged.
+    """
+    from transformers import TrainerState
+
+    prompts = [row["prompt"] for row in rows]
+    skip = ("prompt", "completion", *TRAINER_KWARGS)
+    columns = {k: [row.get(k) for row in rows] for k in rows[0] if k not in skip}
+    log = RewardLog()
+    outputs = reward_model(
+        prompts,
+        as_trl_completions(prompts, completions),
+        completion_ids=[list(ids) for ids in completion_ids],
+        trainer_state=TrainerState() if trainer_state is None else trainer_state,
+        log_metric=log.log_metric,
+        log_extra=log.log_extra,
+        **columns,
+    )
+    if len(outputs) != len(rows):
+        raise ValueError(
+            f"Reward model {reward_model.name!r} returned {len(outputs)} results for {len(rows)} completions."
+        )
+    return outputs, log
 
 
 # ----- math ---------------------------------------------------------------------------------------
@@ -401,7 +493,10 @@ class FunctionRewardModel(RewardModel):
     - a :class:`RewardOutput`.
 
     ``fn`` receives only the columns it can take: all of them if it has ``**kwargs``, else those it
-    names (a named column missing from the batch raises :class:`MissingColumnError`).
+    names (a named column missing from the batch raises :class:`MissingColumnError`). Called by the
+    trainer, it gets TRL's arguments: ``prompts``, ``completions`` (message lists for chat
+    prompts), ``completion_ids``, ``trainer_state``, ``log_metric``, ``log_extra`` and the columns,
+    so TRL's reward functions (``trl.rewards.accuracy_reward``, ...) run unchanged.
 
     Errors: a wrong number of items, an item of another kind, or a non-finite score raise
     :class:`RewardFunctionError` naming the function (and the sample). If ``fn`` itself raises, it
@@ -445,6 +540,8 @@ class FunctionRewardModel(RewardModel):
     ) -> list[RewardOutput]:
         n = len(completions)
         for key, values in columns.items():
+            if key in _NOT_PER_SAMPLE:
+                continue
             if len(values) != n:
                 raise ValueError(
                     f"Reward function {self.name!r}: column {key!r} has {len(values)} values for {n} completions."
@@ -465,7 +562,7 @@ class FunctionRewardModel(RewardModel):
             missing = sorted(required - set(kwargs))
             if missing:
                 raise MissingColumnError(
-                    f"Reward function {self.name!r} needs the column {missing[0]!r}, but the batch only has the columns {sorted(columns)}."
+                    f"Reward function {self.name!r} needs the column {missing[0]!r}, but the batch only has the columns {_data_columns(columns)}."
                 )
             kwargs = {k: v for k, v in kwargs.items() if k in accepted}
         return self.fn(**kwargs)
@@ -535,7 +632,9 @@ class FunctionRewardModel(RewardModel):
         outputs: list[RewardOutput | None] = []
         failures: dict[int, Exception] = {}
         for i in range(len(completions)):
-            one = {k: [v[i]] for k, v in columns.items()}
+            one = {k: v if k in _NOT_PER_SAMPLE else [v[i]] for k, v in columns.items()}
+            if "log_extra" in one:  # per-sample calls would log misaligned columns
+                one["log_extra"] = _ignore_extra
             try:
                 outputs.append(self._score([prompts[i]], [completions[i]], one, offset=i)[0])
             except RewardFunctionError:
@@ -564,6 +663,10 @@ class FunctionRewardModel(RewardModel):
                 0.0, feedback, {"reward_error": True, "error_type": type(err).__name__}
             )
         return [out for out in outputs if out is not None]
+
+
+def _ignore_extra(column: str, values: list[Any]) -> None:
+    """A ``log_extra`` that drops what it is given."""
 
 
 # ----- combinations -------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from transformers import TrainerState
 
 from sdpo import checkpoint as ckpt
 from sdpo import lora
@@ -38,9 +39,9 @@ from sdpo.policy_gradient import (
     grpo_advantages,
     k3_kl,
 )
-from sdpo.policy_model import PolicyModel, RolloutBatch, output_head
+from sdpo.policy_model import PolicyModel, RolloutBatch, completion_id_lists, output_head
 from sdpo.reprompting import Reprompter, TeacherContext
-from sdpo.reward_model import as_reward_model
+from sdpo.reward_model import as_reward_model, call_reward_model
 from sdpo.self_distillation import importance_weights, policy_terms, self_distillation_loss
 from sdpo.teacher import Teacher, reference_weights
 
@@ -123,6 +124,7 @@ class SDPOTrainer:
         metrics = self.update(rollouts, contexts)
         self.global_step += 1
         metrics.update(self._rollout_metrics(rollouts))
+        metrics.update(rollouts.reward_metrics)
         metrics.update({f"self_distillation/{k}": v for k, v in self.reprompter.last_stats.items()})
         metrics["step_time"] = time.perf_counter() - t0
         metrics["generation_time"] = t_gen - t0
@@ -167,18 +169,27 @@ class SDPOTrainer:
         )
 
     def score(self, rollouts: RolloutBatch) -> None:
-        """Rewards and per-rollout feedback from the reward model (columns = the rows' other fields)."""
-        columns = {
-            k: [row.get(k) for row in rollouts.rows] for k in rollouts.rows[0] if k != "prompt"
-        }
-        outputs = self.reward_model(rollouts.prompts, rollouts.completions, **columns)
-        if len(outputs) != len(rollouts):
-            raise ValueError(
-                f"Reward model {self.reward_model.name!r} returned {len(outputs)} results for {len(rollouts)} completions."
-            )
+        """Rewards and per-rollout feedback; the reward model is called as TRL calls reward
+        functions (chat completions as assistant messages, ``completion_ids``, ``trainer_state``,
+        ``log_metric``, ``log_extra``: :func:`sdpo.reward_model.call_reward_model`)."""
+        state = TrainerState(
+            global_step=self.global_step,
+            max_steps=self.config.run.max_steps,
+            epoch=self.train_data.progress,
+        )
+        outputs, log = call_reward_model(
+            self.reward_model,
+            rollouts.rows,
+            rollouts.completions,
+            completion_id_lists(rollouts.completion_ids, rollouts.completion_mask),
+            trainer_state=state,
+        )
         rollouts.rewards = torch.tensor([float(o.score) for o in outputs], dtype=torch.float32)
         rollouts.feedback = [o.feedback for o in outputs]
         rollouts.reward_info = [o.info for o in outputs]
+        rollouts.reward_metrics = log.metric_means()
+        n = len(rollouts)  # a column logged by several functions keeps the last one's values
+        rollouts.reward_extra = {k: v[-n:] for k, v in log.extra.items() if len(v) % n == 0 and v}
 
     def reprompt(self, rollouts: RolloutBatch) -> list[TeacherContext | None]:
         """Teacher contexts (SPEC §3): a successful sibling and/or this rollout's feedback."""
@@ -597,6 +608,11 @@ class SDPOTrainer:
                     "feedback": rollouts.feedback[i],
                     "teacher_prompt": None if ctx is None else ctx.prompt,
                     "demonstration_index": None if ctx is None else ctx.demonstration_index,
+                    **(
+                        {"extra": {k: v[i] for k, v in rollouts.reward_extra.items()}}
+                        if rollouts.reward_extra
+                        else {}
+                    ),
                 },
             )
 

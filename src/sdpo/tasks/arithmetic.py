@@ -13,7 +13,7 @@ from __future__ import annotations
 import operator
 import random
 
-from sdpo.reward_model import Prompt, RewardModel, RewardOutput, VerifiableRewardModel
+from sdpo.reward_model import Prompt, RewardModel, RewardOutput, VerifiableRewardModel, _text
 from sdpo.tasks import draw_rows
 
 DIGITS = 2  # digits of each operand (the demo model is mid-way through learning 2-digit sums)
@@ -90,7 +90,7 @@ class ArithmeticRewardModel(RewardModel):
         outputs = self.exact(prompts, completions, **columns)
         for output, completion, answer in zip(outputs, completions, columns["answer"], strict=True):
             if output.score < 1.0 and output.feedback is None:
-                output.feedback = feedback_for(completion, str(answer))
+                output.feedback = feedback_for(_text(completion), str(answer))
         return outputs
 
 
