@@ -138,18 +138,21 @@ def test_trl_rewards_train_on_chat_prompts_and_hooks_reach_the_logs(tmp_path):
     )
     trainer.train()
 
-    call = probe.calls[1]  # calls[0] is the greedy eval before training
+    # calls: eval greedy, eval sampled, step 0, step 1, eval greedy, eval sampled
+    assert [(c["step"], c["max_steps"]) for c in probe.calls] == [(0, 2)] * 3 + [(1, 2)] + [
+        (2, 2)
+    ] * 2
+    call = probe.calls[2]
     assert all(
         isinstance(c, list) and c[0]["role"] == "assistant" and isinstance(c[0]["content"], str)
         for c in call["completions"]
     )
-    assert call["step"] == 0 and call["max_steps"] == 2 and call["epoch"] == 0.0
+    assert call["epoch"] == 0.25  # this step drew 2 of the 8 prompts
     assert call["columns"] == ["solution"]
     tok = trainer.policy.tokenizer
     for ids, msg in zip(call["completion_ids"], call["completions"], strict=True):
         assert tok.decode(ids, skip_special_tokens=True) == msg[0]["content"]
         assert ids.count(tok.eos_token_id) <= 1 and (tok.eos_token_id not in ids[:-1])
-    assert probe.calls[3]["step"] == 1  # eval greedy, eval sampled, step 0, step 1
 
     run = tmp_path / "run"
     steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

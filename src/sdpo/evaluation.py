@@ -198,6 +198,7 @@ def evaluate_policy(
     batch_size: int = 64,
     max_prompt_length: int | None = None,
     greedy: bool = True,
+    trainer_state: Any = None,
 ) -> EvalResult:
     """Greedy and ``num_samples`` sampled completions per prompt, scored by ``reward_model``.
 
@@ -205,6 +206,7 @@ def evaluate_policy(
     same seed gives the same evaluation and evaluating never changes what training samples next.
     ``batch_size`` is the number of completions generated per call. Prompts longer than
     ``max_prompt_length`` tokens are skipped and counted. Correct = reward >= ``success_threshold``.
+    ``trainer_state`` reaches the reward functions (TRL's keyword; default: a fresh one).
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
@@ -224,11 +226,11 @@ def evaluate_policy(
         if greedy:
             _generate_and_score(
                 policy, reward_model, kept, encoded, records, 1, generation, True, batch_size,
-                success_threshold,
+                success_threshold, trainer_state,
             )  # fmt: skip
         _generate_and_score(
             policy, reward_model, kept, encoded, records, num_samples, generation, False,
-            batch_size, success_threshold,
+            batch_size, success_threshold, trainer_state,
         )  # fmt: skip
     return EvalResult(summarize(records), records, skipped_prompts=len(rows) - len(kept))
 
@@ -244,6 +246,7 @@ def _generate_and_score(
     greedy: bool,
     batch_size: int,
     threshold: float,
+    trainer_state: Any = None,
 ) -> None:
     """Fill ``records`` with ``g`` completions per prompt (greedy: the ``greedy_*`` fields)."""
     per_call = max(1, batch_size // g)
@@ -257,6 +260,7 @@ def _generate_and_score(
             expanded,
             completions,
             completion_id_lists(completion_ids, completion_mask),
+            trainer_state=trainer_state,
         )
         lengths = completion_mask.sum(-1).tolist()
         for j, record in enumerate(records[start : start + len(batch)]):

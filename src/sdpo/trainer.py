@@ -172,17 +172,12 @@ class SDPOTrainer:
         """Rewards and per-rollout feedback; the reward model is called as TRL calls reward
         functions (chat completions as assistant messages, ``completion_ids``, ``trainer_state``,
         ``log_metric``, ``log_extra``: :func:`sdpo.reward_model.call_reward_model`)."""
-        state = TrainerState(
-            global_step=self.global_step,
-            max_steps=self.config.run.max_steps,
-            epoch=self.train_data.progress,
-        )
         outputs, log = call_reward_model(
             self.reward_model,
             rollouts.rows,
             rollouts.completions,
             completion_id_lists(rollouts.completion_ids, rollouts.completion_mask),
-            trainer_state=state,
+            trainer_state=self.trainer_state(),
         )
         rollouts.rewards = torch.tensor([float(o.score) for o in outputs], dtype=torch.float32)
         rollouts.feedback = [o.feedback for o in outputs]
@@ -190,6 +185,14 @@ class SDPOTrainer:
         rollouts.reward_metrics = log.metric_means()
         n = len(rollouts)  # a column logged by several functions keeps the last one's values
         rollouts.reward_extra = {k: v[-n:] for k, v in log.extra.items() if len(v) % n == 0 and v}
+
+    def trainer_state(self) -> TrainerState:
+        """Progress as TRL's reward functions see it (``global_step`` = steps completed)."""
+        return TrainerState(
+            global_step=self.global_step,
+            max_steps=self.config.run.max_steps,
+            epoch=self.train_data.progress,
+        )
 
     def reprompt(self, rollouts: RolloutBatch) -> list[TeacherContext | None]:
         """Teacher contexts (SPEC §3): a successful sibling and/or this rollout's feedback."""
@@ -515,6 +518,7 @@ class SDPOTrainer:
                 seed=cfg.run.seed + 7919,
                 batch_size=max(cfg.optimization.prompts_per_step * cfg.num_samples_per_prompt, 1),
                 max_prompt_length=cfg.model.max_prompt_length,
+                trainer_state=self.trainer_state(),
             )
         metrics = {f"eval/{k}": v for k, v in result.metrics.items()}
         self._write_jsonl("metrics.jsonl", {"step": self.global_step, **metrics})
