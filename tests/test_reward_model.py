@@ -64,7 +64,6 @@ def test_extract_math_answer_order(text, answer, method):
         ("\\boxed{2.0}", "2", 1.0),
         ("\\boxed{1+x}", "x+1", 1.0),
         ("\\boxed{3}", "4", 0.0),
-        ("the answer is 6", "6", 1.0),
         ("\\boxed{5}", "so the result is \\boxed{5}", 1.0),  # gold given as a full solution
     ],
 )
@@ -72,6 +71,42 @@ def test_math_equivalence(completion, gold, score):
     out = MathRewardModel()(["q"], [completion], answer=[gold])[0]
     assert out.score == score
     assert out.feedback is None
+
+
+# completion, gold, default (last \\boxed{} only), lenient (old fallbacks)
+MATH_CASES = [
+    ("\\boxed{4}", "4", 1.0, 1.0),
+    ("The answer is \\boxed{4} apples.", "4", 1.0, 1.0),
+    ("The answer is 4.", "4", 0.0, 1.0),
+    ("2 + 2 makes 4", "4", 0.0, 1.0),
+    ("**Answer:** 4", "4", 0.0, 1.0),
+    ("$4$", "4", 0.0, 1.0),
+    ("first \\boxed{3}, no: \\boxed{4}", "4", 1.0, 1.0),
+    ("first \\boxed{4}, no: \\boxed{3}", "4", 0.0, 0.0),
+    ("\\boxed{\\frac{1}{2}}", "0.5", 1.0, 1.0),
+    ("\\boxed{2.0}", "2", 1.0, 1.0),
+    ("\\fbox{4}", "4", 1.0, 1.0),
+    ("\\boxed{5}", "4", 0.0, 0.0),
+    ("", "4", 0.0, 0.0),
+]
+
+
+@pytest.mark.parametrize(("completion", "gold", "default", "lenient"), MATH_CASES)
+def test_math_default_is_last_boxed_and_lenient_keeps_the_fallbacks(
+    completion, gold, default, lenient
+):
+    out = MathRewardModel()(["q"], [completion], answer=[gold])[0]
+    assert out.score == default
+    # no \\boxed{} at all: format feedback; a boxed wrong answer: none (it would leak nothing new)
+    assert (out.feedback is not None) == ("boxed" not in completion and "fbox" not in completion)
+    assert MathRewardModel(extraction="lenient")(["q"], [completion], answer=[gold])[0].score == (
+        lenient
+    )
+
+
+def test_math_rejects_unknown_extraction():
+    with pytest.raises(ValueError, match="lenient"):
+        MathRewardModel(extraction="last_number")
 
 
 def test_math_info_carries_extracted_answer_and_uses_solution_column():

@@ -191,3 +191,22 @@ def test_trl_token_rewards_train_on_plain_prompts(tmp_path):
     got = [info["repetition_penalty_reward"]["score"] for info in last.reward_info]
     assert got == pytest.approx(want)
     assert torch.isfinite(last.rewards).all()
+
+
+def test_math_reward_default_against_trl_accuracy_reward():
+    """The README's comparison table: sdpo's default math reward and TRL's accuracy_reward agree
+    except where TRL takes the first \\boxed{} (sdpo: the last) or ignores \\fbox{}."""
+    from test_reward_model import MATH_CASES
+    from trl.rewards import accuracy_reward
+
+    from sdpo import MathRewardModel
+
+    completions = [c for c, *_ in MATH_CASES]
+    golds = [g for _, g, *_ in MATH_CASES]
+    trl_scores = accuracy_reward(
+        [[{"role": "assistant", "content": c}] for c in completions], golds
+    )
+    ours = [o.score for o in MathRewardModel()(["q"] * len(golds), completions, answer=golds)]
+    differ = [c for c, a, b in zip(completions, ours, trl_scores, strict=True) if a != b]
+    assert differ == ["first \\boxed{3}, no: \\boxed{4}", "\\fbox{4}"]
+    assert ours == [d for *_, d, _ in MATH_CASES]

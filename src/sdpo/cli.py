@@ -158,10 +158,14 @@ def load_config(args: argparse.Namespace) -> SDPOConfig:
 
 
 def load_reward(spec: str) -> Any:
-    """A reward model by name (math, code, exact) or a ``module:function`` callable."""
+    """A reward model by name (math, math_lenient, code, exact) or a ``module:function`` callable."""
     from sdpo import reward_model as rm
 
-    named = {"math": rm.MathRewardModel, "exact": lambda: rm.VerifiableRewardModel(mode="exact")}
+    named = {
+        "math": rm.MathRewardModel,
+        "math_lenient": lambda: rm.MathRewardModel(extraction="lenient"),
+        "exact": lambda: rm.VerifiableRewardModel(mode="exact"),
+    }
     if spec == "code":
         from sdpo.environments import CodeExecutionRewardModel
 
@@ -169,7 +173,9 @@ def load_reward(spec: str) -> Any:
     if spec in named:
         return named[spec]()
     if ":" not in spec:
-        raise SystemExit(f"sdpo: data.reward={spec!r}: use math, code, exact, or module:function.")
+        raise SystemExit(
+            f"sdpo: data.reward={spec!r}: use math, math_lenient, code, exact, or module:function."
+        )
     module, name = spec.split(":", 1)
     sys.path.insert(0, os.getcwd())
     return getattr(importlib.import_module(module), name)
@@ -192,7 +198,7 @@ def build_data(config: SDPOConfig) -> tuple[Any, Any, Any]:
         )
     if not data.reward:
         raise SystemExit(
-            "sdpo: data.train_file needs data.reward (math, code, exact, or module:function)."
+            "sdpo: data.train_file needs data.reward (math, math_lenient, code, exact, or module:function)."
         )
     return data.train_file, data.eval_file, load_reward(data.reward)
 

@@ -253,7 +253,7 @@ class DataConfig:
     eval_file: str | None = _f(None, "JSONL file of evaluation rows.")
     reward: str | None = _f(
         None,
-        "Reward for train_file rows: math, code, exact, or module:function (TRL-style callable).",
+        "Reward for train_file rows: math, math_lenient, code, exact, or module:function (TRL-style callable).",
     )
 
 

@@ -242,10 +242,15 @@ def _norm_math(text: str) -> str:
 class MathRewardModel(RewardModel):
     """1.0 when the completion's final answer is mathematically equivalent to the row's answer.
 
-    The answer is found by :func:`extract_math_answer`; equivalence is checked with
-    ``math_verify`` (``"\\frac{1}{2}"`` equals ``"0.5"``, ``"2"`` equals ``"2.0"``) after a cheap
-    whitespace-insensitive string comparison. A gold answer that is a whole solution (e.g. MATH's
-    ``solution`` column) contributes its last ``\\boxed{...}``.
+    ``extraction="boxed"`` (default): the answer is the content of the last ``\\boxed{...}`` (or
+    ``\\fbox{...}``) and nothing else; a completion without one scores 0 with format feedback,
+    so a prompt's "put the answer in \\boxed{}" is enforced. ``extraction="lenient"`` adds the
+    old fallbacks of :func:`extract_math_answer` ("the answer is X", "Answer: X", the last number),
+    which also reward unformatted answers (and lucky last numbers).
+
+    Equivalence is checked with ``math_verify`` (``"\\frac{1}{2}"`` equals ``"0.5"``, ``"2"``
+    equals ``"2.0"``) after a cheap whitespace-insensitive string comparison. A gold answer that is
+    a whole solution (e.g. MATH's ``solution`` column) contributes its last ``\\boxed{...}``.
 
     ``math_verify`` guards parsing with ``signal.alarm``, which only works on the main thread; off
     the main thread (a data-loader or reward worker thread) the timeouts are switched off instead.
@@ -256,27 +261,41 @@ class MathRewardModel(RewardModel):
     """
 
     name = "math"
+    EXTRACTIONS = ("boxed", "lenient")
 
     def __init__(
         self,
         answer_column: str = "answer",
         fallback_column: str | None = "solution",
         timeout_seconds: int | None = 5,
+        extraction: str = "boxed",
     ) -> None:
+        if extraction not in self.EXTRACTIONS:
+            raise ValueError(
+                f"MathRewardModel extraction {extraction!r} is not one of {list(self.EXTRACTIONS)}."
+            )
         self.answer_column = answer_column
         self.fallback_column = fallback_column
         self.timeout_seconds = timeout_seconds
+        self.extraction = extraction
 
     def __call__(
-        self, prompts: list[Prompt], completions: list[str], **columns: list[Any]
+        self, prompts: list[Prompt], completions: list[Completion], **columns: list[Any]
     ) -> list[RewardOutput]:
         names = [self.answer_column] + ([self.fallback_column] if self.fallback_column else [])
         golds = _column(type(self).__name__, columns, names, len(completions))
         return [self.score_one(_text(c), str(g)) for c, g in zip(completions, golds, strict=True)]
 
+    def extract(self, completion: str) -> tuple[str | None, str | None]:
+        """``(answer, method)`` by this model's extraction; ``(None, None)`` when there is none."""
+        if self.extraction == "lenient":
+            return extract_math_answer(completion)
+        boxed = extract_boxed(completion)
+        return (boxed, "boxed") if boxed is not None else (None, None)
+
     def score_one(self, completion: str, gold: str) -> RewardOutput:
         """Score one completion against one gold answer."""
-        answer, method = extract_math_answer(completion)
+        answer, method = self.extract(completion)
         info: dict[str, Any] = {"extracted_answer": answer, "extraction": method}
         if answer is None:
             return RewardOutput(
