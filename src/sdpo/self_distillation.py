@@ -45,8 +45,11 @@ _BLOCK_ELEMENTS = 1 << 22
 
 
 def _log_softmax_(logits: Tensor) -> Tensor:
-    """In-place log-softmax over the last dim."""
-    return logits.sub_(logits.logsumexp(-1, keepdim=True))
+    """In-place log-softmax over the last dim, with ``log 0`` stored as the most negative finite
+    float: a ``−inf`` logit (a masked vocabulary entry) then gives ``p = 0`` and ``0·(s − t) = 0``
+    in the divergences instead of ``0·(−inf) = nan`` (the ``0·log 0 = 0`` convention)."""
+    logits.sub_(logits.logsumexp(-1, keepdim=True))
+    return logits.clamp_(min=torch.finfo(logits.dtype).min)
 
 
 def _divergence_and_grad_(student_logits: Tensor, teacher_logits: Tensor, alpha: float) -> Tensor:
@@ -75,6 +78,10 @@ def _block_divergence_(student_logits: Tensor, teacher_logits: Tensor, alpha: fl
     - else: ``D = (1−α)Σ p log p + αΣ q log q − Σ M log M`` with ``M = (1−α)p + αq``, so
       ``g = (1−α)(s − m)`` (the mixture's dependence on ``p`` included) and
       ``∂D/∂z = (1−α)·p ⊙ ((s − m) − KL(p ‖ m))``.
+
+    Entries with ``p = 0`` or ``q = 0`` (``−inf`` logits) contribute ``0·log 0 = 0`` (see
+    :func:`_log_softmax_`); a divergence that is truly infinite (``q > 0`` where ``p = 0`` for
+    α = 0) comes out as a huge finite number.
     """
     s, t = _log_softmax_(student_logits), _log_softmax_(teacher_logits)
     if alpha == 0.0:
@@ -158,10 +165,52 @@ class _LinearDivergence(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None
 
 
-def _log1mexp(log_x: Tensor) -> Tensor:
-    """``log(1 − e^{log_x})`` for ``log_x < 0``; clamped just below 0 so a full top-k stays finite."""
-    log_x = log_x.clamp(max=-torch.finfo(log_x.dtype).eps)
-    return torch.log(-torch.expm1(log_x))
+def _tail_lse(logits: Tensor, ids: Tensor) -> Tensor:
+    """``log Σ_{j ∉ ids} e^{z_j}`` per row: ``logits [..., V]``, ``ids [..., k]`` -> ``[...]``.
+
+    A logsumexp over the other entries, so a tail far below the top-k mass keeps its precision
+    (``log(1 − Σ_ids p)`` cancels in float32 once the tail is below ~1e-7). ``−inf`` (with zero
+    gradient) in a row with no finite entry outside ``ids``. Out of place and differentiable.
+    """
+    rest = logits.scatter(-1, ids, float("-inf"))
+    top = rest.amax(-1, keepdim=True).detach()
+    has_tail = torch.isfinite(top)
+    total = (rest - torch.where(has_tail, top, 0.0)).exp().sum(-1, keepdim=True)
+    return (torch.where(has_tail, total, 1.0).log() + top).squeeze(-1)
+
+
+def _tail_and_lse_(scratch: Tensor, ids: Tensor, top: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`_tail_lse` and the full ``logsumexp`` of ``[d, V]`` logits in one pass, in place.
+
+    ``top = scratch.gather(-1, ids)`` must be taken before: ``scratch`` is overwritten. Returns
+    ``(log Σ_{j ∉ ids} e^{z_j}, log Σ_j e^{z_j})``, both ``[d]``, no gradient.
+    """
+    rest = scratch.scatter_(-1, ids, float("-inf"))
+    peak = rest.amax(-1, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, 0.0)
+    tail = rest.sub_(peak).exp_().sum(-1).log_().add_(peak.squeeze(-1))
+    return tail, torch.logaddexp(tail, top.logsumexp(-1))
+
+
+def _tail_lse_from_probs(
+    probs: Tensor, rows: Tensor, ids: Tensor, logits: Tensor, lse: Tensor
+) -> Tensor:
+    """:func:`_tail_lse` at ``rows [d]`` of ``probs = softmax(z) [n, V]`` (left as it was), from
+    ``Σ_{j ∉ ids} p_j`` (one sum, no cancellation): ``log`` of it plus ``lse [d]``.
+
+    Where that mass is so small that float underflow could bias it (below √tiny, ~1e-19 in
+    float32), the row is recomputed from its ``logits [d, V]`` by :func:`_tail_lse`.
+    """
+    index = (rows.unsqueeze(-1).expand_as(ids), ids)
+    top = probs[index]
+    probs.index_put_(index, torch.zeros_like(top))
+    mass = probs.sum(-1)[rows]
+    probs.index_put_(index, top)
+    tail = mass.log() + lse
+    small = mass < torch.finfo(mass.dtype).tiny ** 0.5
+    if small.any():
+        tail[small] = _tail_lse(logits[small], ids[small])
+    return tail
 
 
 def _student_topk_support(
@@ -169,28 +218,24 @@ def _student_topk_support(
     teacher_logits: Tensor,
     topk: int,
     add_tail: bool,
-    student_lse: Tensor | None = None,
-    teacher_lse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Both sides' log-probs on the student's top-k ids (full-vocabulary normalized) [+ tail].
 
-    Returns ``s, t [..., k(+1)]`` and the ids ``[..., k]``. ``student_lse``/``teacher_lse``
-    (``logsumexp`` over the last dim, ``[...]``) skip recomputing the normalizers.
+    Returns ``s, t [..., k(+1)]`` and the ids ``[..., k]``; the tail bucket is
+    ``logsumexp(z outside the ids) − logsumexp(z)`` per side (:func:`_tail_lse`).
     """
     dtype = _compute_dtype(student_logits, teacher_logits)
     student_logits = student_logits.to(dtype)
     teacher_logits = teacher_logits.to(dtype)
-    if student_lse is None:
-        student_lse = student_logits.logsumexp(-1)
-    if teacher_lse is None:
-        teacher_lse = teacher_logits.logsumexp(-1)
+    student_lse = student_logits.logsumexp(-1, keepdim=True)
+    teacher_lse = teacher_logits.logsumexp(-1, keepdim=True)
     k = min(topk, student_logits.shape[-1])
     student_top, ids = student_logits.topk(k, dim=-1)
-    s = student_top - student_lse.unsqueeze(-1)
-    t = teacher_logits.gather(-1, ids) - teacher_lse.unsqueeze(-1)
+    s = student_top - student_lse
+    t = teacher_logits.gather(-1, ids) - teacher_lse
     if add_tail:
-        s = torch.cat([s, _log1mexp(s.logsumexp(-1, keepdim=True))], dim=-1)
-        t = torch.cat([t, _log1mexp(t.logsumexp(-1, keepdim=True))], dim=-1)
+        s = torch.cat([s, _tail_lse(student_logits, ids).unsqueeze(-1) - student_lse], dim=-1)
+        t = torch.cat([t, _tail_lse(teacher_logits, ids).unsqueeze(-1) - teacher_lse], dim=-1)
     # Without a tail the k gathered values are renormalized by the log-softmax inside
     # _block_divergence_; with one they already sum to 1 and that log-softmax is the identity.
     return s, t, ids
@@ -362,22 +407,26 @@ class _HeadTerms(torch.autograd.Function):
 
     Inputs: ``logits [n, V]`` (float, at least 32-bit, with gradient), ``token_ids [n]``, and for
     distillation ``teacher_logits [d, V]`` (a scratch buffer the caller hands over; it may be
-    overwritten), its ``teacher_lse [d]`` (``logsumexp``) and ``distilled [d]`` (row indices).
-    Outputs: ``logprobs [n] = z_y − lse(z)``, ``entropy [n]`` (not differentiable) and
-    ``divergence [d]`` (:func:`token_divergence` at the distilled rows; empty without a teacher).
+    overwritten), its ``teacher_lse [d]`` (``logsumexp``; ``None``: computed here) and
+    ``distilled [d]`` (row indices). Outputs: ``logprobs [n] = z_y − lse(z)``, ``entropy [n]``,
+    ``divergence [d]`` (:func:`token_divergence` at the distilled rows; empty without a teacher)
+    and ``teacher_lse [d]`` (the one given or computed; the last two are not differentiable).
 
-    The backward is written out instead of recorded op by op: with ``p = softmax(z)`` and upstream
-    gradients ``g_y`` (log-probs) and ``g_D`` (divergence),
+    The backward is written out instead of recorded op by op. With ``p = softmax(z)``, upstream
+    gradients ``g_y`` (log-probs) and ``g_D`` (divergence):
 
-    ``∂L/∂z = p ⊙ c + onehot(y)·g_y + sparse``, ``c = −g_y + g_D·κ``,
+    - log-probs: ``∂/∂z = g_y·(onehot(y) − p)``;
+    - full vocabulary: ``g_D·∂D/∂z``, the dense closed form of :func:`_block_divergence_`;
+    - top-k support ``K`` with ``s_K = z_K − lse``, tail ``s_T = lse_T − lse``,
+      ``lse_T = log Σ_{j∉K} e^{z_j}``, and ``u = ∂D/∂(s_K, s_T)`` from
+      :func:`_block_divergence_` (``Σ u = 0``, so the ``lse`` terms cancel):
+      ``∂D/∂z_j = u_j`` for ``j ∈ K`` and ``u_T·e^{z_j − lse_T}`` for ``j ∉ K`` (no tail: 0).
 
-    where, on the student's top-k support ``K`` with ``P_K = Σ_K p``, ``u = ∂D/∂(s_K, tail)`` from
-    :func:`_block_divergence_` and ``tail = log(1 − P_K)``:
-    ``κ = −Σ_K u + u_tail·P_K/(1 − P_K)`` and ``sparse_j = g_D·(u_j − u_tail·p_j/(1 − P_K))`` for
-    ``j ∈ K`` (no tail: ``u_tail = 0``). For the full vocabulary ``κ = 0`` and ``sparse`` is the
-    dense closed-form ``g_D·∂D/∂z``. The backward thus costs one ``exp`` pass over ``[n, V]`` and
-    one buffer, where op-by-op autograd needs several passes and zero-filled buffers (log-softmax,
-    top-k, gather and row-index backwards, and their sum).
+    So each row is ``e^{z − b}·c`` off the support plus the support's own values: ``b = lse``,
+    ``c = −g_y``, or at a distilled row with a tail ``b = lse_T``,
+    ``c = −g_y·e^{s_T} + g_D·u_T`` (exact even where ``e^{s_T}`` underflows). The backward costs
+    one ``exp`` pass over ``[n, V]`` and one buffer, where op-by-op autograd needs several passes
+    and zero-filled buffers (log-softmax, top-k, gather and row-index backwards, and their sum).
     """
 
     @staticmethod
@@ -391,68 +440,85 @@ class _HeadTerms(torch.autograd.Function):
         alpha: float,
         topk: int | None,
         add_tail: bool,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         # One fused softmax gives both normalizer and entropy: max_j p_j >= 1/V, so
         # lse = max z - log max p is exact to float precision (and twice as fast as logsumexp
         # followed by a separate exp pass for the entropy).
         probs = torch.softmax(logits, dim=-1)
         lse = logits.amax(-1) - probs.amax(-1).log()
-        entropy = lse - probs.mul_(logits).sum(-1)
-        del probs
         logprobs = logits.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1) - lse
         ctx.mode = None
         if teacher_logits is not None and distilled.numel() > 0:
             ctx.mode = "full" if topk is None else "topk"
-        saved = [logits, token_ids]
-        if ctx.mode is None:
-            divergence = logits.new_zeros(0)
-        elif ctx.mode == "full":
+        saved = [logits, token_ids, lse]
+        divergence = logits.new_zeros(0)
+        if ctx.mode == "full":
             # The closed form overwrites its student buffer with ∂D/∂z: never the saved logits.
             all_rows = distilled.numel() == logits.shape[0]
             student = logits.clone() if all_rows else logits[distilled]
             divergence = _divergence_and_grad_(student, teacher_logits, alpha)
             saved += [distilled, student]
-        else:
+        elif ctx.mode == "topk":
             student = logits if distilled.numel() == logits.shape[0] else logits[distilled]
-            s, t, support = _student_topk_support(
-                student, teacher_logits, topk, add_tail, lse[distilled], teacher_lse
-            )
-            u = s.clone()  # becomes ∂D/∂s
-            divergence = _divergence_and_grad_(u, t.contiguous(), alpha)
+            student_lse = lse[distilled]
+            top, support = student.topk(min(topk, logits.shape[-1]), dim=-1)
+            s = top - student_lse.unsqueeze(-1)
+            teacher_top = teacher_logits.gather(-1, support)
+            base = student_lse
             if add_tail:
-                s, tail = s[:, :-1], s[:, -1:]  # tail = log(1 − P_K)
-                log_mass = s.logsumexp(-1, keepdim=True)  # log P_K
-                # _log1mexp clamps log P_K just below 0; where it does, the tail has no gradient.
-                u_tail = u[:, -1:] * (log_mass < -torch.finfo(log_mass.dtype).eps)
-                u, scale = u[:, :-1], u_tail / tail.exp()  # u_tail / (1 − P_K)
-                kappa = -u.sum(-1) + (scale * log_mass.exp()).squeeze(-1)
-                sparse = u - scale * s.exp()
+                base = _tail_lse_from_probs(probs, distilled, support, student, student_lse)
+                teacher_tail, teacher_lse = _tail_and_lse_(teacher_logits, support, teacher_top)
+                s = torch.cat([s, (base - student_lse).unsqueeze(-1)], dim=-1)
+                t = torch.cat([teacher_top, teacher_tail.unsqueeze(-1)], dim=-1)
             else:
-                kappa, sparse = -u.sum(-1), u
-            saved += [distilled, support, sparse, kappa]
+                if teacher_lse is None:
+                    teacher_lse = teacher_logits.logsumexp(-1)
+                t = teacher_top
+            t = t - teacher_lse.unsqueeze(-1)
+            u = s.clone()  # becomes ∂D/∂(s_K, s_T)
+            divergence = _divergence_and_grad_(u, t, alpha)
+            k = support.shape[-1]
+            if add_tail:  # rows without a finite tail keep b = lse and get no tail term
+                has_tail = torch.isfinite(base)
+                tail_coef = torch.where(has_tail, u[:, k], 0.0)
+                tail_prob = torch.where(has_tail, s[:, k].exp(), 1.0)
+                base = torch.where(has_tail, base, student_lse)
+            else:
+                tail_coef, tail_prob = torch.zeros_like(base), torch.ones_like(base)
+            saved += [distilled, support, s[:, :k].exp(), u[:, :k], base, tail_prob, tail_coef]
+        if teacher_lse is None and teacher_logits is not None:
+            teacher_lse = teacher_logits.logsumexp(-1)  # only when nothing is distilled
+        # Σ p·z with 0·(−inf) = 0 at masked (−inf) logits.
+        entropy = lse - torch.nansum(probs.mul_(logits), -1)
+        del probs
         ctx.save_for_backward(*saved)
-        ctx.mark_non_differentiable(entropy)
-        return logprobs, entropy, divergence
+        teacher_lse = logits.new_zeros(0) if teacher_lse is None else teacher_lse
+        ctx.mark_non_differentiable(entropy, teacher_lse)
+        return logprobs, entropy, divergence, teacher_lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(
-        ctx, grad_logprobs: Tensor, grad_entropy: Tensor, grad_divergence: Tensor
+        ctx, grad_logprobs: Tensor, grad_entropy: Tensor, grad_divergence: Tensor, _: Tensor
     ) -> tuple[Tensor | None, ...]:
-        logits, token_ids, *rest = ctx.saved_tensors
-        coef = -grad_logprobs
+        logits, token_ids, lse, *rest = ctx.saved_tensors
+        coef, base = -grad_logprobs, lse
         if ctx.mode == "topk":
-            distilled, support, sparse, kappa = rest
-            coef = coef.index_add(0, distilled, grad_divergence * kappa)
-        grad = torch.softmax(logits, dim=-1).mul_(coef.unsqueeze(-1))
-        grad.scatter_add_(-1, token_ids.unsqueeze(-1), grad_logprobs.unsqueeze(-1))
-        if ctx.mode == "topk":
+            distilled, support, p_top, u_top, tail_base, tail_prob, tail_coef = rest
+            coef = coef.index_copy(
+                0, distilled, coef[distilled] * tail_prob + grad_divergence * tail_coef
+            )
+            base = base.index_copy(0, distilled, tail_base)
+        grad = torch.sub(logits, base.unsqueeze(-1)).exp_().mul_(coef.unsqueeze(-1))
+        if ctx.mode == "topk":  # set, not add: e^{z − lse_T} may overflow on the support
             rows = distilled.unsqueeze(-1).expand_as(support)
-            values = sparse * grad_divergence.unsqueeze(-1)
-            grad.index_put_((rows, support), values, accumulate=True)
+            g_y = grad_logprobs[distilled].unsqueeze(-1)
+            values = u_top * grad_divergence.unsqueeze(-1) - p_top * g_y
+            grad.index_put_((rows, support), values)
         elif ctx.mode == "full":
             distilled, dense = rest
             grad.index_add_(0, distilled, dense * grad_divergence.unsqueeze(-1))
+        grad.scatter_add_(-1, token_ids.unsqueeze(-1), grad_logprobs.unsqueeze(-1))
         return grad, None, None, None, None, None, None, None
 
 
@@ -465,8 +531,8 @@ def _head_terms(
     alpha: float = 0.5,
     topk: int | None = None,
     add_tail: bool = True,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """:class:`_HeadTerms`: ``logprobs [n]``, ``entropy [n]``, ``divergence [d]``."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:class:`_HeadTerms`: ``logprobs [n]``, ``entropy [n]``, ``divergence [d]``, ``teacher_lse [d]``."""
     return _HeadTerms.apply(
         logits, token_ids, teacher_logits, teacher_lse, distilled, float(alpha), topk, add_tail
     )
@@ -648,17 +714,20 @@ def policy_terms(
             teacher_logits = _logits(
                 h_teacher[distilled], teacher_weight, teacher_bias, temperature
             )
-            # No entropy for the teacher: one logsumexp, not a full softmax pass.
-            teacher_lse = teacher_logits.logsumexp(-1)
             token_logits = teacher_logits.gather(-1, ids[distilled].unsqueeze(-1)).squeeze(-1)
-            teacher_logprobs = token_logits - teacher_lse
+            # No entropy for the teacher: one logsumexp, not a full softmax pass; with a top-k
+            # tail, _HeadTerms gets it from the same pass as the teacher's tail.
+            teacher_lse = None
+            if level != "logit" or topk is None or not add_tail:
+                teacher_lse = teacher_logits.logsumexp(-1)
         if level == "logit":
-            logprobs, entropy, divergence = _head_terms(
+            logprobs, entropy, divergence, teacher_lse = _head_terms(
                 logits, ids, teacher_logits, teacher_lse, distilled, alpha, topk, add_tail
             )
         else:
-            logprobs, entropy, _ = _head_terms(logits, ids)
-            divergence = token_level_divergence(logprobs[distilled], teacher_logprobs)
+            logprobs, entropy, _, _ = _head_terms(logits, ids)
+            divergence = token_level_divergence(logprobs[distilled], token_logits - teacher_lse)
+        teacher_logprobs = token_logits - teacher_lse
         zeros = logprobs.new_zeros(logprobs.shape)
         return (
             logprobs,
