@@ -349,3 +349,36 @@ def test_pure_sdpo_step_without_any_teacher_context_is_a_no_op_not_a_crash(tmp_p
     assert metrics["self_distillation/distilled_token_fraction"] == 0.0
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_dr_grpo_divides_by_the_generation_budget_not_the_batch_width(tmp_path):
+    """Dr. GRPO's normalizer is num_sequences x generation.max_new_tokens, a constant: padding the
+    same rollouts with 20 empty columns must not change the gradient (it changed it ~4x)."""
+    import dataclasses
+
+    model, tok = make_tiny_llama()
+    config = make_config(tmp_path, policy_gradient__loss_aggregation="dr_grpo")
+    trainer = SDPOTrainer(
+        config=config,
+        policy_model=PolicyModel(model=model, tokenizer=tok),
+        reward_model=one_success_per_group,
+        train_dataloader=ROWS,
+    )
+    rollouts = trainer.generate(trainer.train_data.next_batch())
+    trainer.score(rollouts)
+    contexts = trainer.reprompt(rollouts)
+    pad = torch.full((len(rollouts), 20), tok.pad_token_id, dtype=torch.long)
+    padded = dataclasses.replace(
+        rollouts,
+        completion_ids=torch.cat([rollouts.completion_ids, pad], dim=1),
+        completion_mask=torch.cat([rollouts.completion_mask, torch.zeros_like(pad)], dim=1),
+    )
+    grads = []
+    for batch in (rollouts, padded):
+        prepared = trainer.prepare(batch, contexts)
+        assert prepared["counts"]["max_completion_length"] == config.generation.max_new_tokens
+        model.zero_grad(set_to_none=True)
+        assert trainer.accumulate_gradients(batch, prepared) is not None
+        grads.append(_grads(model))
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-7, msg=name)

@@ -209,7 +209,7 @@ class PolicyGradientConfig:
     )
     loss_aggregation: str = _f(
         "token_mean",
-        "token_mean (DAPO), sequence_mean (GRPO) or dr_grpo (constant normalizer).",
+        "token_mean (DAPO), sequence_mean (GRPO) or dr_grpo (Dr. GRPO: divides by num_sequences x generation.max_new_tokens, a constant).",
         choices=("token_mean", "sequence_mean", "dr_grpo"),
     )
 

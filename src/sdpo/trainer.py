@@ -243,7 +243,8 @@ class SDPOTrainer:
             "num_tokens": float(mask.sum()),
             "num_sequences": float(len(rollouts)),
             "num_distilled": float(mask[has_teacher].sum()),
-            "max_completion_length": mask.shape[1],
+            # Dr. GRPO's constant: the generation budget, not this batch's longest completion.
+            "max_completion_length": self.config.generation.max_new_tokens,
         }
         reuse = self.config.optimization.updates_per_batch > 1
         return {
