@@ -289,7 +289,7 @@ def test_hostile_programs_score_zero_with_meaningful_feedback(
         ),
     }
     if isolation.memory_limit:
-        programs["memory"] = ("x = [bytearray(64 << 20) for _ in range(1000)]\n", "MemoryError")
+        programs["memory"] = ("x = bytearray(1 << 30)\n", "MemoryError")  # over 512 MiB: at once
     if isolation.process_limit and isolation.contained:
         programs["forkbomb"] = (
             "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",

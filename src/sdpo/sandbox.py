@@ -939,7 +939,7 @@ def _run(
             "nproc": nproc,
             "nofile": nofile,
             "uid": uid,
-            "drop_caps": launch.launcher != "plain" and os.geteuid() != 0,
+            "drop_caps": launch.launcher == "unshare" and os.geteuid() != 0,  # bwrap drops them
             "fs": fs,
             "tail": tail,
         }
