@@ -45,6 +45,11 @@ The work (the same on both sides)
 - TRL runs without gradient checkpointing (its config default is on; ``--trl-gradient-checkpointing``
   turns it back on) and with logging, saving, evaluation and the progress bar off.
 
+LoRA cases (``sdpo-lora``, ``trl-lora``): the same work with a LoRA adapter (``--lora-r``, default
+16, alpha 2r, on all 7 projections q/k/v/o/gate/up/down) on a frozen base. sdpo's EMA teacher is a
+second adapter (``model.lora``); TRL gets ``peft_config=LoraConfig(...)`` and its
+``PEFTAdapterEMACallback`` "teacher" adapter. ``sdpo-lora`` vs ``sdpo`` is what LoRA saves.
+
 Timing: TRL is driven by ``trainer.train()`` and a ``TrainerCallback`` records
 ``on_step_begin`` -> ``on_step_end`` (the callback is registered after TRL's EMA-sync callback, so
 the teacher update is inside the interval; the data loader's fetch of 8 prompt rows is not).
@@ -126,7 +131,8 @@ MAX_GRAD_NORM = 1.0
 SEED = 0
 NUM_PROMPTS = 64
 DEFAULT_MODEL_CACHE = Path(tempfile.gettempdir()) / "sdpo_bench_step_models"
-TRAINERS = ("trl", "sdpo")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TRAINERS = ("trl", "sdpo", "trl-lora", "sdpo-lora")
 
 
 def rss_mb() -> float:
@@ -304,6 +310,13 @@ def run_trl(args, path: Path, tokenizer, prompts: list[str], out_dir: str) -> di
 
     model = load_model(path)
     base = rss_mb()
+    peft_config = None
+    if args.case.endswith("-lora"):  # TRL's own LoRA path: a "teacher" adapter EMA'd by a callback
+        import peft
+
+        peft_config = peft.LoraConfig(
+            r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=LORA_TARGETS
+        )
 
     micro = args.micro_batch
     rows_per_step = PROMPTS_PER_STEP * SAMPLES_PER_PROMPT
@@ -363,6 +376,7 @@ def run_trl(args, path: Path, tokenizer, prompts: list[str], out_dir: str) -> di
         args=config,
         train_dataset=dataset,
         processing_class=tokenizer,
+        peft_config=peft_config,
     )
 
     gen_times: list[float] = []
@@ -522,6 +536,10 @@ def run_sdpo(args, path: Path, tokenizer, prompts: list[str], out_dir: str) -> d
         "run__save_steps": 1000,
         "run__sample_log_steps": 1000,
     }
+    if args.case.endswith("-lora"):  # same adapter as TRL's case: all 7 projections, alpha = 2r
+        overrides["model__lora__r"] = args.lora_r
+        overrides["model__lora__lora_alpha"] = 2.0 * args.lora_r
+        overrides["model__lora__target_modules"] = LORA_TARGETS
     # Forcing exactly NEW_TOKENS new tokens needs generation.min_new_tokens.
     if "generation.min_new_tokens" in SDPOConfig.keys():
         overrides["generation__min_new_tokens"] = NEW_TOKENS
@@ -628,7 +646,7 @@ def run_case(args) -> dict:
         "threads": torch.get_num_threads(),
     }
     with tempfile.TemporaryDirectory(prefix=f"bench_step_{args.case}_") as out_dir:
-        if args.case == "trl":
+        if args.case.startswith("trl"):
             # Import TRL before the base measurement so both sides' base includes their library.
             import trl.experimental.sdpo  # noqa: F401
 
@@ -715,6 +733,8 @@ def drive(args) -> int:
         str(cache),
         "--threads",
         str(args.threads),
+        "--lora-r",
+        str(args.lora_r),
     ]
     if args.trl_gradient_checkpointing:
         passthrough.append("--trl-gradient-checkpointing")
@@ -728,12 +748,14 @@ def drive(args) -> int:
     results = {key: _combine(value) for key, value in runs.items()}
 
     cols = (
-        f"{'vocab':>6} | {'trainer':<7} | {'median step s':>13} | {'gen s':>6} | "
+        f"{'vocab':>6} | {'trainer':<9} | {'median step s':>13} | {'gen s':>6} | "
         f"{'peak MB':>8} | {'base MB':>8} | {'peak-base MB':>12} | {'len':>5} | {'reprompt':>8}"
     )
     print()
     print(
-        f"SDPO step: Llama {LAYERS}x{HIDDEN} (heads {HEADS}, ffn {INTERMEDIATE}), fp32 CPU, "
+        f"SDPO step (*-lora: LoRA r={args.lora_r}, alpha {2 * args.lora_r}, all 7 projections, "
+        "EMA teacher adapter): "
+        f"Llama {LAYERS}x{HIDDEN} (heads {HEADS}, ffn {INTERMEDIATE}), fp32 CPU, "
         f"{PROMPTS_PER_STEP} prompts x {SAMPLES_PER_PROMPT} samples x {NEW_TOKENS} tokens, "
         f"top-{TOPK}+tail, alpha {ALPHA}, EMA teacher, micro-batch {args.micro_batch}; "
         f"median of {args.steps} steps after {args.warmup} warm-up"
@@ -743,30 +765,36 @@ def drive(args) -> int:
     print("-" * len(cols))
     for (vocab, trainer), r in results.items():
         if not r.get("available"):
-            print(f"{vocab:>6} | {trainer:<7} | not available: {str(r.get('error', '?'))[:160]}")
+            print(f"{vocab:>6} | {trainer:<9} | not available: {str(r.get('error', '?'))[:160]}")
             continue
         print(
-            f"{vocab:>6} | {trainer:<7} | {_fmt(r['median_step_s'], 3):>13} | "
+            f"{vocab:>6} | {trainer:<9} | {_fmt(r['median_step_s'], 3):>13} | "
             f"{_fmt(r.get('gen_median_s'), 3):>6} | {_fmt(r['peak_rss_mb'], 0):>8} | "
             f"{_fmt(r['base_rss_mb'], 0):>8} | {_fmt(r['delta_mb'], 0):>12} | "
             f"{_fmt(r.get('mean_completion_len'), 1):>5} | {_fmt(r.get('reprompt_fraction'), 2):>8}"
         )
+    pairs = [
+        ("sdpo", "trl", "sdpo / trl (full fine-tuning)"),
+        ("sdpo-lora", "trl-lora", f"sdpo / trl (LoRA r={args.lora_r})"),
+        ("sdpo-lora", "sdpo", f"sdpo: LoRA r={args.lora_r} / full fine-tuning"),
+        ("trl-lora", "trl", f"trl: LoRA r={args.lora_r} / full fine-tuning"),
+    ]
     print()
-    print("sdpo / trl ratios (below 1: sdpo is faster / smaller):")
-    print(f"{'vocab':>6} | {'time':>6} | {'peak MB':>8} | {'peak-base MB':>12}")
+    print("ratios (below 1: the first is faster / smaller):")
+    print(f"{'vocab':>6} | {'pair':<38} | {'time':>6} | {'peak MB':>8} | {'peak-base MB':>12}")
     for vocab in args.vocabs:
-        a, b = results.get((vocab, "sdpo"), {}), results.get((vocab, "trl"), {})
-        if not (a.get("available") and b.get("available")):
-            print(f"{vocab:>6} | {'-':>6} | {'-':>8} | {'-':>12}")
-            continue
+        for first, second, label in pairs:
+            a, b = results.get((vocab, first), {}), results.get((vocab, second), {})
+            if not (a.get("available") and b.get("available")):
+                continue
 
-        def ratio(key, a=a, b=b):
-            return a[key] / b[key] if a.get(key) is not None and b.get(key) else None
+            def ratio(key, a=a, b=b):
+                return a[key] / b[key] if a.get(key) is not None and b.get(key) else None
 
-        print(
-            f"{vocab:>6} | {_fmt(ratio('median_step_s')):>6} | {_fmt(ratio('peak_rss_mb')):>8} | "
-            f"{_fmt(ratio('delta_mb')):>12}"
-        )
+            print(
+                f"{vocab:>6} | {label:<38} | {_fmt(ratio('median_step_s')):>6} | "
+                f"{_fmt(ratio('peak_rss_mb')):>8} | {_fmt(ratio('delta_mb')):>12}"
+            )
     loads = [r.get("loadavg_1m") for r in results.values() if r.get("loadavg_1m") is not None]
     cores = os.cpu_count() or 1
     if loads and max(loads) > cores:
@@ -796,6 +824,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distillation-weight", type=float, default=0.5)
     parser.add_argument("--trl-gradient-checkpointing", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank of the *-lora cases")
     parser.add_argument("--model-cache", default=str(DEFAULT_MODEL_CACHE))
     parser.add_argument("--repeats", type=int, default=1, help="driver: runs per case (median)")
     parser.add_argument("--case-timeout", type=float, default=3600)

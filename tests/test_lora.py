@@ -43,7 +43,7 @@ def make_config(tmp_path, **overrides) -> SDPOConfig:
     return SDPOConfig(**base)
 
 
-def make_trainer(tmp_path, model=None, tok=None, **overrides) -> SDPOTrainer:
+def make_trainer(tmp_path, model=None, tok=None, eval_dataloader=None, **overrides) -> SDPOTrainer:
     if model is None:
         model, tok = make_tiny_llama()
     return SDPOTrainer(
@@ -51,6 +51,7 @@ def make_trainer(tmp_path, model=None, tok=None, **overrides) -> SDPOTrainer:
         policy_model=PolicyModel(model=model, tokenizer=tok),
         reward_model=parity_reward,
         train_dataloader=ROWS,
+        eval_dataloader=eval_dataloader,
     )
 
 
@@ -271,3 +272,138 @@ def test_without_peft_the_library_works_and_lora_names_the_extra(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "ERROR: LoRA (model.lora.r > 0) needs the `peft` package" in out.stdout
     assert "sdpo[peft]" in out.stdout
+
+
+def test_checkpoint_adapters_export_and_merge_reproduce_the_policy(tmp_path):
+    from safetensors.torch import load_file
+
+    from sdpo.cli import main as cli_main
+
+    base_model, tok = make_tiny_llama()
+    base = copy.deepcopy(base_model)
+    trainer = make_trainer(
+        tmp_path, base_model, tok, run__max_steps=2, run__save_steps=2, eval_dataloader=None
+    )
+    trainer.train()
+    ckpt = tmp_path / "run" / "checkpoint-000002"
+    assert not (ckpt / "policy" / "model.safetensors").exists()  # no copy of the base on disk
+    policy_files = load_file(str(ckpt / "policy" / "adapter_model.safetensors"))
+    assert all("lora_" in k for k in policy_files) and policy_files
+    batch = fixed_batch(trainer.policy)
+    trained = completion_logprobs(trainer.policy, batch)
+
+    # PEFT's own loader on a fresh base reproduces the policy; the teacher/ adapter too.
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(ckpt / "policy"))
+    torch.testing.assert_close(
+        completion_logprobs(PolicyModel(model=loaded, tokenizer=tok), batch),
+        trained,
+        rtol=0,
+        atol=0,
+    )
+    teacher = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(ckpt / "teacher"))
+    torch.testing.assert_close(
+        completion_logprobs(PolicyModel(model=teacher, tokenizer=tok), batch),
+        teacher_logprobs(trainer, batch),
+        rtol=0,
+        atol=0,
+    )
+
+    # sdpo export: the adapter (PEFT format) and the merged save_pretrained model.
+    # The run's base is an in-process model; record a directory for it as the adapter's base.
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    for name in ("policy", "teacher"):
+        cfg = ckpt / name / "adapter_config.json"
+        cfg.write_text(cfg.read_text().replace('"model"', f'"{tmp_path / "base"}"'))
+    assert cli_main(["export", str(ckpt), str(tmp_path / "adapter")]) == 0
+    assert cli_main(["export", "--merge", str(ckpt), str(tmp_path / "merged")]) == 0
+    adapter = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "adapter"))
+    torch.testing.assert_close(
+        completion_logprobs(PolicyModel(model=adapter, tokenizer=tok), batch),
+        trained,
+        rtol=0,
+        atol=0,
+    )
+    merged = PolicyModel(str(tmp_path / "merged"), device="cpu")
+    assert not merged.is_lora
+    torch.testing.assert_close(completion_logprobs(merged, batch), trained, rtol=0, atol=2e-5)
+    assert not torch.allclose(
+        completion_logprobs(PolicyModel(model=base, tokenizer=tok), batch), trained, atol=1e-3
+    )  # training moved the policy away from the base
+
+
+RESUME_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    import torch
+    torch.set_num_threads(1)
+    from conftest import make_tiny_llama
+    from sdpo import PolicyModel, SDPOConfig, SDPOTrainer
+
+    run_dir, resume, delay = sys.argv[1], sys.argv[2] == "resume", float(sys.argv[3])
+    rows = [{{"prompt": f"Q: {{a}}+{{b}}=", "answer": str(a + b)}} for a in range(10, 16) for b in range(20, 23)]
+
+    def reward(prompts, completions, **columns):
+        return [float(sum(map(ord, c)) % 2 == 0) for c in completions]
+
+    class Slow:
+        def on_step_end(self, trainer, metrics):
+            time.sleep(delay)
+
+    model, tok = make_tiny_llama(seed=0)
+    config = SDPOConfig(num_samples_per_prompt=4, generation__max_new_tokens=6, optimization__prompts_per_step=2,
+                        optimization__learning_rate=1e-2, optimization__warmup_steps=2, optimization__lr_scheduler="cosine",
+                        model__lora__r=4, model__lora__lora_dropout=0.1, model__lora__modules_to_save=["lm_head"],
+                        policy_gradient__kl_penalty_weight=0.1, run__max_steps=5, run__save_steps=2,
+                        run__save_total_limit=5, run__output_dir=run_dir, run__progress_bar=False,
+                        run__resume_from=run_dir if resume else None, run__seed=3)
+    trainer = SDPOTrainer(config=config, policy_model=PolicyModel(model=model, tokenizer=tok), reward_model=reward,
+                          train_dataloader=rows, callbacks=[Slow()])
+    trainer.train()
+    """
+)
+
+
+def test_lora_sigkill_then_resume_is_bitwise_identical(tmp_path):
+    import os
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    script = tmp_path / "run.py"
+    script.write_text(RESUME_SCRIPT.format(tests=str(os.path.dirname(__file__))))
+
+    def run(run_dir, mode, delay=0.0):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0"}
+        return subprocess.Popen(
+            [sys.executable, str(script), str(run_dir), mode, str(delay)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    proc = run(straight, "fresh")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    proc = run(killed, "fresh", delay=1.0)
+    deadline = time.time() + 240
+    while not list(killed.glob("checkpoint-000002/trainer_state.json")):
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    time.sleep(0.3)  # let the checkpoint finish (its rename is atomic)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "checkpoint-000005").exists(), "the run finished before it was killed"
+    proc = run(killed, "resume")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    for part in ("policy", "teacher"):
+        a = load_file(str(straight / "checkpoint-000005" / part / "adapter_model.safetensors"))
+        b = load_file(str(killed / "checkpoint-000005" / part / "adapter_model.safetensors"))
+        assert a.keys() == b.keys() and any("modules_to_save" not in k for k in a)
+        assert [k for k in a if not torch.equal(a[k], b[k])] == [], part

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
+from sdpo import lora
+
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 
@@ -61,10 +63,15 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     # The policy directory loads with `from_pretrained` as well as into a running trainer.
-    (tmp / "policy").mkdir()
-    save_model(policy.model, str(tmp / "policy" / "model.safetensors"), metadata={"format": "pt"})
-    policy.model.config.save_pretrained(tmp / "policy")
-    policy.tokenizer.save_pretrained(tmp / "policy")
+    if getattr(policy, "is_lora", False):  # adapters in PEFT's format: policy/ and teacher/
+        lora.save_checkpoint_adapters(policy, tmp)
+    else:
+        (tmp / "policy").mkdir()
+        save_model(
+            policy.model, str(tmp / "policy" / "model.safetensors"), metadata={"format": "pt"}
+        )
+        policy.model.config.save_pretrained(tmp / "policy")
+        policy.tokenizer.save_pretrained(tmp / "policy")
     for name, module in modules.items():
         save_model(module, str(tmp / f"{name}.safetensors"))
     for name, obj in objects.items():
@@ -90,7 +97,17 @@ def load_checkpoint(
     """Load weights into ``policy`` and ``modules`` in place; return (trainer_state, objects)."""
     if not (path / STATE_FILE).exists():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE}).")
-    load_model(policy.model, str(path / "policy" / "model.safetensors"), device=str(policy.device))
+    if getattr(policy, "is_lora", False):
+        lora.load_checkpoint_adapters(policy, path)
+    elif not (path / "policy" / "model.safetensors").exists():
+        raise FileNotFoundError(
+            f"{path}/policy holds no full model weights (a LoRA checkpoint?); resume it with the "
+            "same model.lora settings."
+        )
+    else:
+        load_model(
+            policy.model, str(path / "policy" / "model.safetensors"), device=str(policy.device)
+        )
     for name, module in modules.items():
         file = path / f"{name}.safetensors"
         if not file.exists():

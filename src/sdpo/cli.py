@@ -74,6 +74,23 @@ def build_parser() -> argparse.ArgumentParser:
     from sdpo import discover
 
     discover.add_parser(sub)
+    export = sub.add_parser(
+        "export",
+        help="Write a run's trained policy as a model directory (save_pretrained).",
+        description=(
+            "Write the policy of RUN_DIR (final/ when present, else the newest checkpoint) to OUT. "
+            "A LoRA policy is written as its adapter in PEFT's format, or with --merge as a full "
+            "model with the adapter merged into the base weights."
+        ),
+    )
+    export.add_argument("run", metavar="RUN_DIR", help="A run directory or a checkpoint.")
+    export.add_argument("out", metavar="OUT", type=Path, help="Directory to write.")
+    export.add_argument(
+        "--merge", action="store_true", help="LoRA: merge the adapter into the base weights."
+    )
+    export.add_argument(
+        "--checkpoint", metavar="NAME", help="final, checkpoint-000300 or a step (default: newest)."
+    )
     return parser
 
 
@@ -351,6 +368,33 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def export(args: argparse.Namespace) -> int:
+    """``sdpo export [--merge] RUN_DIR OUT``: the trained policy as a ``save_pretrained`` directory."""
+    from sdpo import lora
+    from sdpo.evaluation import resolve_model
+    from sdpo.policy_model import PolicyModel
+
+    try:
+        name, _, _ = resolve_model(str(args.run), args.checkpoint)
+        policy = PolicyModel(name, device="cpu")
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        print(f"sdpo: {exc}", file=sys.stderr)
+        return 2
+    if args.out.exists() and any(args.out.iterdir()):
+        print(f"sdpo: {args.out} exists and is not empty; choose a new directory.", file=sys.stderr)
+        return 2
+    if policy.is_lora and not args.merge:
+        lora.save_adapter(policy.model, args.out, lora.student_adapter(policy.model))
+        what = "LoRA adapter (PEFT format; PeftModel.from_pretrained(base, OUT) loads it)"
+    else:
+        model = lora.merged(policy.model) if policy.is_lora else policy.model
+        model.save_pretrained(args.out)
+        what = "merged model" if policy.is_lora else "model"
+    policy.tokenizer.save_pretrained(args.out)
+    print(f"sdpo: wrote the {what} of {name} to {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
@@ -362,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         from sdpo import discover
 
         return discover.main(args)
+    if args.command == "export":
+        return export(args)
     return 1
 
 

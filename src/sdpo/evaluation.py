@@ -325,6 +325,8 @@ def resolve_model(
     else:
         model_dir = chosen / "policy"
     teacher_file = None
+    if teacher and (chosen / "teacher" / "adapter_config.json").exists():  # a LoRA teacher adapter
+        return str(chosen / "teacher"), None, run_dir
     if teacher:
         teacher_file = chosen / "teacher.safetensors"
         if not teacher_file.exists():

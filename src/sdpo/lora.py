@@ -18,7 +18,7 @@ gradients when a teacher pass runs between the student's forward and backward.
 from __future__ import annotations
 
 import contextlib
-import json
+import copy
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -260,26 +260,81 @@ def _saved_key(name: str, adapter: str) -> str | None:
     return ".".join(parts[:i] + parts[i + 1 :])
 
 
-def save_adapter(model: torch.nn.Module, directory: str | Path, adapter: str | None = None) -> None:
+def save_adapter(
+    model: torch.nn.Module, directory: str | Path, adapter: str, base_name: str | None = None
+) -> None:
     """Write one adapter in PEFT's format (``adapter_config.json``, ``adapter_model.safetensors``):
-    ``PeftModel.from_pretrained(base, directory)`` loads it."""
+    ``PeftModel.from_pretrained(base, directory)`` loads it; ``base_name`` is recorded as
+    ``base_model_name_or_path`` (what :class:`~sdpo.policy_model.PolicyModel` loads it onto)."""
     from safetensors.torch import save_file
 
-    adapter = adapter or student_adapter(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = model.peft_config[adapter]
+    config = copy.copy(model.peft_config[adapter])
+    config.inference_mode = True
+    if base_name:
+        config.base_model_name_or_path = base_name
     config.save_pretrained(str(directory))
     save_file(
         adapter_state(model, adapter),
         str(directory / "adapter_model.safetensors"),
-        {"format": "pt"},
+        metadata={"format": "pt"},
     )
-    # PEFT keeps inference_mode etc. in the config; record that the adapter was trained by sdpo.
-    meta = directory / "adapter_config.json"
-    data = json.loads(meta.read_text())
-    data["inference_mode"] = True
-    meta.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+def load_adapter(model: torch.nn.Module, directory: str | Path, adapter: str) -> None:
+    """Load an adapter written by :func:`save_adapter` into ``adapter`` of ``model``, bit for bit."""
+    from safetensors.torch import load_file
+
+    file = Path(directory) / "adapter_model.safetensors"
+    if not file.exists():
+        raise FileNotFoundError(f"{file} is missing; {directory} holds no saved LoRA adapter.")
+    load_adapter_state(model, adapter, load_file(str(file)))
+
+
+def save_checkpoint_adapters(policy: Any, directory: Path) -> None:
+    """A LoRA policy's part of a checkpoint: ``policy/`` (the student adapter, PEFT's format, with
+    the tokenizer) and, with an EMA teacher, ``teacher/`` (its adapter, same format). The base
+    weights are not written: they never change."""
+    model = policy.model
+    save_adapter(model, directory / "policy", student_adapter(model), base_name=policy.name)
+    policy.tokenizer.save_pretrained(directory / "policy")
+    if TEACHER in model.peft_config:
+        save_adapter(model, directory / "teacher", TEACHER, base_name=policy.name)
+
+
+def load_checkpoint_adapters(policy: Any, directory: Path) -> None:
+    """Restore what :func:`save_checkpoint_adapters` wrote into the running LoRA policy."""
+    model = policy.model
+    if not (directory / "policy" / "adapter_config.json").exists():
+        raise FileNotFoundError(
+            f"{directory} holds no LoRA adapter (policy/adapter_config.json); it was written by a "
+            "run without model.lora (full fine-tuning) and cannot resume a LoRA run."
+        )
+    load_adapter(model, directory / "policy", student_adapter(model))
+    if TEACHER in model.peft_config:
+        if not (directory / "teacher").is_dir():
+            raise FileNotFoundError(
+                f"{directory} has no teacher/ adapter; was it written with another teacher setting?"
+            )
+        load_adapter(model, directory / "teacher", TEACHER)
+
+
+def load_pretrained(directory: Path, base: torch.nn.Module) -> torch.nn.Module:
+    """``base`` with the adapter saved in ``directory`` (PEFT's ``PeftModel.from_pretrained``),
+    trainable, as the policy of a run that continues from it."""
+    peft = require_peft()
+    return peft.PeftModel.from_pretrained(base, str(directory), is_trainable=True)
+
+
+def merged(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model with the active adapter merged into the base weights
+    (``W ← W + (lora_alpha / r)·B·A``); the adapters are removed."""
+    model = model.merge_and_unload()
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is not embed.weight:  # e.g. lm_head in modules_to_save
+        model.config.tie_word_embeddings = False
+    return model
 
 
 def _module_name(model: torch.nn.Module, target: torch.nn.Module | None) -> str | None:

@@ -9,6 +9,7 @@ reprompt positions never cost a ``[positions, vocab]`` tensor.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -463,6 +464,20 @@ def _load(name: str, trust_remote_code: bool) -> tuple[PreTrainedModel, PreTrain
 
         return load_demo_model()
     path = Path(name)
+    if (path / "adapter_config.json").exists():  # a LoRA adapter (PEFT's format) on its base
+        from sdpo.lora import load_pretrained
+
+        base_name = json.loads((path / "adapter_config.json").read_text()).get(
+            "base_model_name_or_path"
+        )
+        if not base_name:
+            raise FileNotFoundError(
+                f"{path}/adapter_config.json names no base model (base_model_name_or_path)."
+            )
+        base, tokenizer = _load(base_name, trust_remote_code)
+        if (path / "tokenizer_config.json").exists():
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        return load_pretrained(path, base), tokenizer
     # A hub id is "name" or "org/name"; anything else is a local path.
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
     if looks_local and not path.exists():
