@@ -28,8 +28,10 @@ def test_sdpo_train_quickstart_improves_accuracy(tmp_path):
     assert "Run directory:" in out.stdout
     run_dirs = list((tmp_path / "runs").iterdir())
     assert len(run_dirs) == 1
-    evals = [json.loads(line) for line in (run_dirs[0] / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in evals if "eval/accuracy_greedy" in r]
+    records = [
+        json.loads(line) for line in (run_dirs[0] / "metrics.jsonl").read_text().splitlines()
+    ]
+    evals = [r for r in records if "eval/accuracy_greedy" in r]
     first, last = evals[0], evals[-1]
     print(
         f"quickstart: {elapsed:.0f}s, greedy {first['eval/accuracy_greedy']:.3f} -> {last['eval/accuracy_greedy']:.3f}, "
@@ -37,3 +39,7 @@ def test_sdpo_train_quickstart_improves_accuracy(tmp_path):
     )
     assert last["eval/accuracy_sampled"] > first["eval/accuracy_sampled"]
     assert last["eval/accuracy_greedy"] > first["eval/accuracy_greedy"]
+    steps = [r for r in records if "reward" in r]
+    fired = {k: v for k, v in steps[-1].items() if k.startswith("health/") and v}
+    assert len(steps) == 300 and fired == {}, fired  # no health warning in the quickstart
+    assert "sdpo: warning" not in out.stderr

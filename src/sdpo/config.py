@@ -1,7 +1,7 @@
 """SDPOConfig: every hyperparameter of sdpo, declared once, with its one-line doc and default.
 
 Sections mirror the algorithm: ``model``, ``generation``, ``self_distillation``,
-``policy_gradient``, ``optimization``, ``run``. The seed's flat form works too::
+``policy_gradient``, ``optimization``, ``data``, ``run``, ``health``. The seed's flat form works too::
 
     SDPOConfig(model_name="gpt2", num_samples_per_prompt=4,
                self_distillation__success_reward_threshold=0.8, self_distillation__alpha=0.5)
@@ -304,6 +304,37 @@ class RunConfig:
         3, "Stop after this many steps in a row with a non-finite loss.", min=1
     )
     progress_bar: bool = _f(True, "Show a progress bar.")
+    report_to: list[str] = _f(
+        ["jsonl"],
+        "Trackers: jsonl (always on), tensorboard, wandb, mlflow, trackio (e.g. [jsonl,tensorboard]).",
+    )
+    tracker_project: str = _f("sdpo", "Project / experiment name in W&B, MLflow and trackio.")
+
+
+@dataclass
+class HealthConfig:
+    """Health warnings (sdpo.health): when a run is not learning, say so, once per interval."""
+
+    enabled: bool = _f(True, "Check the run's health and print warnings.")
+    window: int = _f(20, "N: a condition must hold over the last N steps to warn.", min=1)
+    warning_interval: int = _f(
+        50, "Report each warning at most once per this many steps while it holds.", min=1
+    )
+    kl_floor: float = _f(
+        1e-3, "Warn when the teacher-student KL stays below this for N distilled steps.", min=0.0
+    )
+    grad_norm_floor: float = _f(
+        1e-4, "Warn when the gradient norm stays below this for N steps.", min=0.0
+    )
+    length_collapse_ratio: float = _f(
+        0.25,
+        "Warn when the N-step mean completion length falls below this fraction of its best.",
+        min=0.0,
+        max=1.0,
+    )
+    reward_drop: float = _f(
+        0.25, "Warn when the N-step mean reward falls more than this below its best.", min=0.0
+    )
 
 
 SECTIONS: dict[str, type] = {
@@ -314,6 +345,7 @@ SECTIONS: dict[str, type] = {
     "optimization": OptimizationConfig,
     "data": DataConfig,
     "run": RunConfig,
+    "health": HealthConfig,
 }
 
 
@@ -353,6 +385,7 @@ class SDPOConfig:
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
 
     def __init__(self, **kwargs: Any) -> None:
         for fld in dataclasses.fields(self):
@@ -471,6 +504,13 @@ class SDPOConfig:
                 "generation.backend = 'vllm' with model.lora.r > 0 is not supported yet (the weight "
                 "push sends full weights, not adapters); use generation.backend = 'hf' with LoRA."
             )
+        from sdpo.tracking import TRACKERS
+
+        for name in self.run.report_to:
+            if name not in TRACKERS:
+                raise ValueError(
+                    f"run.report_to: unknown tracker {name!r}; choose from {', '.join(TRACKERS)}."
+                )
         sd = self.self_distillation
         if not math.isfinite(sd.success_reward_threshold):
             raise ValueError("self_distillation.success_reward_threshold must be a finite number.")
@@ -597,6 +637,8 @@ def _convert(key: str, value: Any, typ: Any) -> Any:
     if typing.get_origin(base) is list:
         if isinstance(value, tuple):
             value = list(value)
+        if isinstance(value, str):  # a,b
+            value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ValueError(
                 f"{key} must be a list of strings, e.g. [q_proj, v_proj]; got {value!r}."

@@ -39,6 +39,7 @@ from sdpo.generation import (
     mismatch_stats,
     mismatch_weights,
 )
+from sdpo.health import HealthMonitor
 from sdpo.policy_gradient import (
     aggregate_loss,
     clip_fraction,
@@ -51,6 +52,7 @@ from sdpo.reprompting import Reprompter, TeacherContext
 from sdpo.reward_model import as_reward_model, call_reward_model
 from sdpo.self_distillation import importance_weights, policy_terms, self_distillation_loss
 from sdpo.teacher import Teacher, reference_weights
+from sdpo.tracking import ExperimentTracker, check_trackers
 
 
 class NonFiniteLossError(RuntimeError):
@@ -115,6 +117,9 @@ class SDPOTrainer:
             max_prompt_length=config.model.max_prompt_length,
             dtype=self.runtime.compute_dtype,
         )
+        self.health = HealthMonitor(config.health, distillation=sd.distillation_weight > 0)
+        check_trackers(run.report_to)  # a missing tracker package fails here, not after loading
+        self.tracker: ExperimentTracker | None = None
 
         self.run_dir = Path(run.output_dir)
         self.global_step = 0
@@ -560,7 +565,7 @@ class SDPOTrainer:
                 trainer_state=self.trainer_state(),
             )
         metrics = {f"eval/{k}": v for k, v in result.metrics.items()}
-        self._write_jsonl("metrics.jsonl", {"step": self.global_step, **metrics})
+        self._log_metrics(self.global_step, metrics)
         for cb in self.callbacks:
             if hasattr(cb, "on_evaluate"):
                 cb.on_evaluate(self, metrics)
@@ -576,6 +581,7 @@ class SDPOTrainer:
         run = self.config.run
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.config.to_yaml(self.run_dir / "config.yaml")
+        self._start_tracking()
         self.last_eval = self.evaluate() if self.global_step == 0 else {}
         self.first_eval = dict(self.last_eval)
         bar = _progress(run, self.global_step)
@@ -584,8 +590,9 @@ class SDPOTrainer:
             while self.global_step < run.max_steps and not self._stop_requested:
                 metrics = self.step()
                 step = self.global_step
+                self._check_health(step, metrics, bar)
                 if step % run.logging_steps == 0:
-                    self._write_jsonl("metrics.jsonl", {"step": step, **metrics})
+                    self._log_metrics(step, metrics)
                 if step % run.sample_log_steps == 0 and hasattr(self, "_last_rollouts"):
                     self._write_samples(self._last_rollouts, self._last_contexts)
                 if run.eval_steps and step % run.eval_steps == 0 and step < run.max_steps:
@@ -612,12 +619,24 @@ class SDPOTrainer:
                 f"\nStopped at step {self.global_step}; checkpoint {path}.\nResume with: sdpo train --resume {self.run_dir}",
                 file=sys.stderr,
             )
+            self._finish_tracking()
             return self.last_eval
         self.last_eval = self.evaluate()
+        self._finish_tracking()
         for cb in self.callbacks:
             if hasattr(cb, "on_train_end"):
                 cb.on_train_end(self)
         return self.last_eval
+
+    def _check_health(self, step: int, metrics: dict[str, float], bar: Any) -> None:
+        """Print the health warnings due at this step (sdpo.health); log their counters."""
+        for message in self.health.update(step, metrics):
+            text = f"sdpo: warning at step {step}: {message}"
+            if bar is not None:
+                bar.write(text, file=sys.stderr)
+            else:
+                print(text, file=sys.stderr)
+        metrics.update(self.health.counters)
 
     def _request_stop(self, signum: int, frame: Any) -> None:
         if self._stop_requested:  # a second Ctrl-C: stop now
@@ -630,6 +649,29 @@ class SDPOTrainer:
 
     # ----- logging & checkpoints --------------------------------------------------------------
 
+    def _start_tracking(self) -> None:
+        """The external trackers of ``run.report_to`` (sdpo.tracking), on the main process."""
+        run = self.config.run
+        if self.tracker is None and self.runtime.is_main:
+            self.tracker = ExperimentTracker(
+                run.report_to,
+                self.run_dir,
+                project=run.tracker_project,
+                run_name=self.run_dir.name,
+                config=self.config.to_dict(),
+            )
+
+    def _finish_tracking(self) -> None:
+        if self.tracker is not None:
+            self.tracker.finish()
+            self.tracker = None
+
+    def _log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
+        """One record of ``metrics.jsonl``, and the same scalars to the trackers."""
+        self._write_jsonl("metrics.jsonl", {"step": step, **metrics})
+        if self.tracker is not None:
+            self.tracker.log(metrics, step)
+
     def _write_jsonl(self, name: str, record: dict[str, Any]) -> None:
         if not self.runtime.is_main:
             return
@@ -638,26 +680,28 @@ class SDPOTrainer:
             fh.write(json.dumps(record, default=_json_default) + "\n")
 
     def _write_samples(self, rollouts: RolloutBatch, contexts: list[TeacherContext | None]) -> None:
+        records = []
         for i in range(len(rollouts)):
             ctx = contexts[i]
-            self._write_jsonl(
-                "samples.jsonl",
-                {
-                    "step": self.global_step,
-                    "group": int(rollouts.group_ids[i]),
-                    "prompt": rollouts.prompts[i],
-                    "completion": rollouts.completions[i],
-                    "reward": float(rollouts.rewards[i]),
-                    "feedback": rollouts.feedback[i],
-                    "teacher_prompt": None if ctx is None else ctx.prompt,
-                    "demonstration_index": None if ctx is None else ctx.demonstration_index,
-                    **(
-                        {"extra": {k: v[i] for k, v in rollouts.reward_extra.items()}}
-                        if rollouts.reward_extra
-                        else {}
-                    ),
-                },
-            )
+            record = {
+                "step": self.global_step,
+                "group": int(rollouts.group_ids[i]),
+                "prompt": rollouts.prompts[i],
+                "completion": rollouts.completions[i],
+                "reward": float(rollouts.rewards[i]),
+                "feedback": rollouts.feedback[i],
+                "teacher_prompt": None if ctx is None else ctx.prompt,
+                "demonstration_index": None if ctx is None else ctx.demonstration_index,
+                **(
+                    {"extra": {k: v[i] for k, v in rollouts.reward_extra.items()}}
+                    if rollouts.reward_extra
+                    else {}
+                ),
+            }
+            self._write_jsonl("samples.jsonl", record)
+            records.append(record)
+        if self.tracker is not None:
+            self.tracker.log_samples(records, self.global_step)
 
     def _checkpoint_modules(self) -> dict[str, torch.nn.Module]:
         modules = {}

@@ -1,0 +1,132 @@
+"""Health warnings: each fires on a metric stream built to trigger it, once per interval, and a real
+run that cannot learn prints one; the quickstart's own metrics trigger none."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import make_tiny_llama
+
+from sdpo import PolicyModel, SDPOConfig, SDPOTrainer
+from sdpo.config import HealthConfig
+from sdpo.health import WARNINGS, HealthMonitor
+
+DOCS_RUNS = Path(__file__).resolve().parents[1] / "docs" / "quickstart"
+
+HEALTHY = {
+    "reward": 0.5,
+    "accuracy": 0.5,
+    "frac_reward_zero_std": 0.25,
+    "self_distillation/reprompt_sample_fraction": 0.9,
+    "self_distillation/distilled_token_fraction": 0.9,
+    "self_distillation/teacher_student_kl": 0.5,
+    "grad_norm": 2.0,
+    "completions/mean_length": 4.0,
+}
+
+
+def feed(monitor: HealthMonitor, stream: list[dict]) -> dict[int, list[str]]:
+    """Step -> messages, for the steps that reported something."""
+    fired = {}
+    for step, metrics in enumerate(stream, 1):
+        messages = monitor.update(step, metrics)
+        if messages:
+            fired[step] = messages
+    return fired
+
+
+def stream(n: int, **changes) -> list[dict]:
+    return [{**HEALTHY, **changes} for _ in range(n)]
+
+
+CASES = {
+    "no_success": stream(10) + stream(30, accuracy=0.0, reward=0.0),
+    "no_reprompt": stream(10) + stream(30, **{"self_distillation/reprompt_sample_fraction": 0.0}),
+    "flat_groups": stream(10) + stream(30, frac_reward_zero_std=1.0),
+    "low_teacher_kl": stream(10) + stream(30, **{"self_distillation/teacher_student_kl": 1e-6}),
+    "zero_grad_norm": stream(10) + stream(30, grad_norm=1e-7),
+    "length_collapse": stream(10, **{"completions/mean_length": 8.0})
+    + stream(30, **{"completions/mean_length": 1.0}),
+    "reward_drop": stream(10, reward=0.9) + stream(30, reward=0.2),
+}
+
+
+@pytest.mark.parametrize("name", WARNINGS)
+def test_each_warning_fires_on_its_constructed_stream_and_only_it(name):
+    config = HealthConfig(window=5, warning_interval=20)
+    monitor = HealthMonitor(config)
+    fired = feed(monitor, CASES[name])
+    reported = {m.split("]")[0].lstrip("[") for messages in fired.values() for m in messages}
+    if name == "no_success":  # no success also empties the reward: reward_drop is right too
+        reported.discard("reward_drop")
+    assert reported == {name}
+    steps = sorted(s for s, messages in fired.items() if any(f"[{name}]" in m for m in messages))
+    # the condition holds from step 11; the window fills by step 15 (the rolling means a bit
+    # later); then it is reported once per 20 steps while it holds
+    assert 11 <= steps[0] <= 15 and steps[1] == steps[0] + 20 and len(steps) == 2
+    assert monitor.counters[f"health/{name}"] == 2
+    assert set(monitor.counters) == {f"health/{w}" for w in WARNINGS}
+
+
+def test_no_success_message_and_quiet_healthy_stream():
+    monitor = HealthMonitor(HealthConfig(window=3))
+    (message,) = feed(monitor, stream(3, accuracy=0.0))[3]
+    assert "self-distillation is inactive: no successes" in message
+    assert "lower the threshold" in message and "easier prompts" in message
+    assert feed(HealthMonitor(HealthConfig(window=3)), stream(200)) == {}
+    assert feed(HealthMonitor(HealthConfig(window=3, enabled=False)), stream(5, accuracy=0.0)) == {}
+
+
+def test_teacher_checks_are_off_without_distillation_and_kl_counts_distilled_steps_only():
+    grpo = HealthMonitor(HealthConfig(window=3), distillation=False)
+    quiet = stream(10, **{"self_distillation/reprompt_sample_fraction": 0.0})
+    assert feed(grpo, quiet) == {}
+    undistilled = stream(10, **{"self_distillation/distilled_token_fraction": 0.0})
+    undistilled = [{**m, "self_distillation/teacher_student_kl": 0.0} for m in undistilled]
+    sd = HealthMonitor(HealthConfig(window=3))
+    assert "low_teacher_kl" not in str(feed(sd, undistilled))
+
+
+@pytest.mark.parametrize("run", ["sdpo", "grpo"])
+def test_no_warning_fires_in_the_quickstart_runs(run):
+    """Replays the committed metrics of the two real quickstart runs (docs/quickstart) with the defaults."""
+    config = SDPOConfig.from_yaml(DOCS_RUNS / run / "config.yaml")
+    monitor = HealthMonitor(
+        config.health, distillation=config.self_distillation.distillation_weight > 0
+    )
+    records = [json.loads(x) for x in (DOCS_RUNS / run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "reward" in r]
+    assert len(steps) == config.run.max_steps
+    for r in steps:
+        assert monitor.update(r["step"], r) == [], r["step"]
+
+
+def test_a_run_that_cannot_succeed_warns_and_logs_counters(tmp_path, capsys):
+    model, tok = make_tiny_llama()
+    config = SDPOConfig(
+        num_samples_per_prompt=2,
+        generation__max_new_tokens=3,
+        optimization__prompts_per_step=2,
+        run__max_steps=4,
+        run__output_dir=str(tmp_path / "run"),
+        run__progress_bar=False,
+        health__window=2,
+        health__warning_interval=10,
+    )
+    trainer = SDPOTrainer(
+        config=config,
+        policy_model=PolicyModel(model=model, tokenizer=tok),
+        reward_model=lambda prompts, completions, **kw: [0.0] * len(completions),
+        train_dataloader=[{"prompt": f"Q: {i}+1="} for i in range(8)],
+    )
+    trainer.train()
+    err = capsys.readouterr().err
+    assert "sdpo: warning at step 2: [no_success] self-distillation is inactive" in err
+    assert "[flat_groups]" in err and "[no_reprompt]" in err
+    assert err.count("[no_success]") == 1  # once per interval, not once per step
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "reward" in r]
+    assert [r["health/no_success"] for r in steps] == [0, 1, 1, 1]
+    assert steps[-1]["health/length_collapse"] == 0
