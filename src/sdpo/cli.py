@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Config overrides, e.g. self_distillation.alpha=1.0",
     )
     _add_eval_parser(sub)
+    _add_plot_parser(sub)
     from sdpo import discover
 
     discover.add_parser(sub)
@@ -92,6 +93,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", metavar="NAME", help="final, checkpoint-000300 or a step (default: newest)."
     )
     return parser
+
+
+def _add_plot_parser(sub: Any) -> None:
+    plot = sub.add_parser(
+        "plot",
+        help="Plot training curves of run directories to a PNG.",
+        description=(
+            "Reward, eval accuracy, distillation loss, teacher-student KL, success-group and "
+            "reprompt fractions, entropy, completion length and gradient norm of one or more runs, "
+            "overlaid, against training steps (and generated samples)."
+        ),
+    )
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="Run directories to plot.")
+    plot.add_argument("-o", "--output", type=Path, default=Path("curves.png"), help="PNG to write.")
+    plot.add_argument(
+        "--group",
+        action="store_true",
+        help="Average runs whose configs differ only in the seed (band: min-max over seeds).",
+    )
+    plot.add_argument(
+        "--x",
+        choices=("steps", "samples"),
+        default="steps",
+        help="x axis: training steps (default) or generated samples.",
+    )
+    plot.add_argument(
+        "--smooth", type=int, default=10, help="Rolling-mean window in steps (1 = raw)."
+    )
 
 
 def _add_eval_parser(sub: Any) -> None:
@@ -395,6 +424,20 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
+def plot(args: argparse.Namespace) -> int:
+    from sdpo.plotting import plot_runs
+
+    try:
+        path = plot_runs(
+            args.run_dirs, args.output, group=args.group, x=args.x, smooth=max(args.smooth, 1)
+        )
+    except (ImportError, FileNotFoundError, ValueError) as exc:
+        print(f"sdpo plot: {exc}", file=sys.stderr)
+        return 2
+    print(f"Wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
@@ -402,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         return train(args)
     if args.command == "eval":
         return evaluate(args)
+    if args.command == "plot":
+        return plot(args)
     if args.command == "discover":
         from sdpo import discover
 
