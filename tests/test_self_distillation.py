@@ -278,9 +278,10 @@ def test_importance_weights_clip_and_detach():
     clipped = importance_weights(logprobs, old, is_clip=2.0)
     torch.testing.assert_close(clipped, torch.tensor([1.0, 1.5, 2.0, 2.0]))
     assert not clipped.requires_grad
-    unclipped = importance_weights(logprobs, old, is_clip=None)
-    torch.testing.assert_close(unclipped, torch.tensor([1.0, 1.5, 3.0, math.exp(20.0)]))
-    assert not unclipped.requires_grad and torch.isfinite(unclipped).all()
+    # None = no correction (official SDPO code and TRL), not unclipped weights (up to e^20 here).
+    off = importance_weights(logprobs, old, is_clip=None)
+    torch.testing.assert_close(off, torch.ones(4))
+    assert not off.requires_grad
     tiny = importance_weights(torch.tensor([-100.0]), torch.tensor([0.0]), is_clip=2.0)
     torch.testing.assert_close(tiny, torch.tensor([math.exp(-20.0)]))
 

@@ -168,7 +168,7 @@ class SelfDistillationConfig:
     )
     is_clip: float | None = _f(
         2.0,
-        "Clip of the importance weight pi_theta/pi_old on the distillation loss; None disables it.",
+        "Clip of the importance weight pi_theta/pi_old on the distillation loss; None turns the correction off (weight 1, as in the official code and TRL).",
         min_exclusive=0.0,
     )
     teacher: str = _f(

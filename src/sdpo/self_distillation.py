@@ -321,22 +321,21 @@ def token_level_divergence(
 def importance_weights(logprobs: Tensor, old_logprobs: Tensor, is_clip: float | None) -> Tensor:
     """Off-policy correction of the distillation loss: ``min(exp(clamp(logπ_θ − logπ_old, ±20)), is_clip)``.
 
-    Detached (it reweights the loss, it is not optimized). ``is_clip = None`` leaves the ratio
-    unclipped from above (still clamped in log space so it stays finite).
+    Detached (it reweights the loss, it is not optimized). ``is_clip = None`` turns the correction
+    off (all weights 1), as in the official SDPO code and TRL.
 
     Args:
         logprobs: ``[...]`` sampled-token log-probs under the current policy.
         old_logprobs: ``[...]`` the same under the policy that generated the batch.
-        is_clip: upper bound of the weight, or ``None``.
+        is_clip: upper bound of the weight, or ``None`` (no correction).
 
     Returns:
         ``[...]`` weights, detached.
     """
+    if is_clip is None:
+        return torch.ones_like(logprobs, dtype=_compute_dtype(logprobs)).detach()
     log_ratio = (logprobs.detach() - old_logprobs.detach()).clamp(-20.0, 20.0)
-    weights = log_ratio.exp()
-    if is_clip is not None:
-        weights = weights.clamp(max=is_clip)
-    return weights
+    return log_ratio.exp().clamp(max=is_clip)
 
 
 # ---------------------------------------------------------------------------------------------
