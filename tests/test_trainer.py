@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -382,3 +383,44 @@ def test_dr_grpo_divides_by_the_generation_budget_not_the_batch_width(tmp_path):
         grads.append(_grads(model))
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_nonfinite_gradient_with_finite_loss_is_skipped_and_counted(tmp_path, monkeypatch):
+    """A NaN in one row of the LM-head gradient (the loss stays finite): no optimizer step, no EMA
+    teacher update, the counter moves, and the bounded-skip rule still stops the run."""
+    import sdpo.trainer as trainer_module
+    from sdpo.trainer import NonFiniteLossError
+
+    model, tok = make_tiny_llama()
+    config = make_config(tmp_path, run__max_steps=5, run__max_consecutive_nonfinite=2)
+    trainer = SDPOTrainer(
+        config=config,
+        policy_model=PolicyModel(model=model, tokenizer=tok),
+        reward_model=parity_reward,
+        train_dataloader=ROWS,
+    )
+    real = trainer_module.policy_terms
+
+    def poison_row(grad):
+        grad = grad.clone()
+        grad[0] = float("nan")
+        return grad
+
+    def poisoned(*args, **kwargs):  # finite values, NaN in the backward only
+        out = real(*args, **kwargs)
+        if out["logprobs"].requires_grad:
+            out["logprobs"].register_hook(poison_row)
+        return out
+
+    monkeypatch.setattr(trainer_module, "policy_terms", poisoned)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    teacher_before = {k: v.clone() for k, v in trainer.teacher.copy.state_dict().items()}
+    with pytest.warns(UserWarning, match="non-finite gradient norm"):
+        metrics = trainer.step()
+    assert trainer.counters["skipped_nonfinite_steps"] == 1
+    assert not math.isfinite(metrics["grad_norm"])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    teacher_after = trainer.teacher.copy.state_dict()
+    assert all(torch.equal(teacher_before[k], v) for k, v in teacher_after.items())
+    with pytest.raises(NonFiniteLossError, match="2 steps in a row"), pytest.warns(UserWarning):
+        trainer.step()

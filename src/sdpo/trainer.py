@@ -238,10 +238,13 @@ class SDPOTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             sums = self.accumulate_gradients(rollouts, prepared)
             if sums is None:
-                self._skip_nonfinite_step()
+                self._skip_nonfinite_step("loss")
                 return {"loss": float("nan")}
-            self._nonfinite_in_row = 0
             grad_norm = self._clip_gradients()
+            if not math.isfinite(grad_norm):  # a finite loss can still have a NaN/inf gradient
+                self._skip_nonfinite_step("gradient norm")
+                return {"loss": float("nan"), "grad_norm": grad_norm}
+            self._nonfinite_in_row = 0
             self.optimizer.step()
             self.scheduler.step()
             self.teacher.update()
@@ -349,7 +352,7 @@ class SDPOTrainer:
             topk=sd.distillation_topk,
             add_tail=sd.distillation_add_tail,
             level=sd.distillation_level,
-            temperature=cfg.generation.temperature,
+            temperature=self.policy.head_temperature(cfg.generation.temperature),
             chunk_size=sd.loss_chunk_size,
         )
         logprobs = _unflatten(terms["logprobs"], mask)
@@ -398,7 +401,7 @@ class SDPOTrainer:
                     ref_head.weight,
                     c_ids[mask],
                     lm_head_bias=ref_head.bias,
-                    temperature=cfg.generation.temperature,
+                    temperature=self.policy.head_temperature(cfg.generation.temperature),
                     chunk_size=sd.loss_chunk_size,
                 )
             kl = aggregate_loss(
@@ -477,7 +480,7 @@ class SDPOTrainer:
                 head.weight,
                 c_ids[mask],
                 lm_head_bias=head.bias,
-                temperature=self.config.generation.temperature,
+                temperature=self.policy.head_temperature(self.config.generation.temperature),
                 chunk_size=self.config.self_distillation.loss_chunk_size,
             )["logprobs"]
             out[idx] = _unflatten(lp, mask).float()
@@ -492,18 +495,20 @@ class SDPOTrainer:
         params = [p for p in self.policy.model.parameters() if p.grad is not None]
         return self.runtime.clip_grad_norm_(params, self.config.optimization.max_grad_norm)
 
-    def _skip_nonfinite_step(self) -> None:
+    def _skip_nonfinite_step(self, what: str) -> None:
+        """No optimizer step and no teacher update; counted, and bounded by
+        ``run.max_consecutive_nonfinite`` steps in a row."""
         self.optimizer.zero_grad(set_to_none=True)
         self._nonfinite_in_row += 1
         self.counters["skipped_nonfinite_steps"] += 1
         limit = self.config.run.max_consecutive_nonfinite
         warnings.warn(
-            f"Step {self.global_step + 1}: non-finite loss; step skipped ({self._nonfinite_in_row} in a row).",
+            f"Step {self.global_step + 1}: non-finite {what}; step skipped ({self._nonfinite_in_row} in a row).",
             stacklevel=3,
         )
         if self._nonfinite_in_row >= limit:
             raise NonFiniteLossError(
-                f"{limit} steps in a row had a non-finite loss; stopping. Lower optimization.learning_rate, "
+                f"{limit} steps in a row had a non-finite loss or gradient; stopping. Lower optimization.learning_rate, "
                 "check the reward model for NaN/inf, or raise run.max_consecutive_nonfinite."
             )
 
