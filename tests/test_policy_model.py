@@ -200,3 +200,101 @@ def test_sampler_reaches_the_far_tail_of_a_large_vocabulary():
     hits = sum(int(unreachable32[_draw(probs.expand(rows, vocab))].sum()) for _ in range(chunks))
     expected = mass * rows * chunks
     assert abs(hits - expected) < 4 * expected**0.5, (hits, expected)
+
+
+def _scaled_family(family: str):
+    """A tiny model of a family whose HF forward scales the LM head's logits."""
+    import transformers
+
+    common = dict(
+        vocab_size=99,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    if family == "granite":  # logits / logits_scaling
+        config = transformers.GraniteConfig(**common, logits_scaling=8.0)
+    elif family == "hyperclovax":  # logits * logits_scaling
+        config = transformers.HyperCLOVAXConfig(**common, logits_scaling=0.25)
+    elif family == "minicpm3":  # hidden / (hidden_size / dim_model_base) before the head
+        config = transformers.MiniCPM3Config(
+            **{**common, "num_key_value_heads": 4}, dim_model_base=8, q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=4,
+            qk_rope_head_dim=4, v_head_dim=8,
+        )  # fmt: skip
+    else:  # falcon_h1: logits * lm_head_multiplier
+        config = transformers.FalconH1Config(
+            **common, lm_head_multiplier=0.3, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8,
+            mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=16,
+        )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # a spread of logits big enough for the scaling to matter
+        model.get_output_embeddings().weight.mul_(20.0)
+    return model
+
+
+@pytest.mark.parametrize("family", ["granite", "hyperclovax", "minicpm3", "falcon_h1"])
+def test_training_logprobs_apply_the_models_logit_scaling(family, tmp_path):
+    """The training passes (here the trainer's old-log-prob pass) equal the HF forward's
+    log-softmax for models that scale their logits; they ignored the scaling before (0.2 nats)."""
+    from sdpo import SDPOConfig, SDPOTrainer
+    from sdpo.demo import build_char_tokenizer
+    from sdpo.policy_model import RolloutBatch
+
+    tok = build_char_tokenizer()
+    policy = PolicyModel(model=_scaled_family(family), tokenizer=tok, device="cpu")
+    assert policy.logit_scale != 1.0
+    config = SDPOConfig(
+        num_samples_per_prompt=2,
+        generation__max_new_tokens=5,
+        generation__temperature=0.7,
+        run__output_dir=str(tmp_path / "run"),
+        run__progress_bar=False,
+    )
+    trainer = SDPOTrainer(
+        config=config,
+        policy_model=policy,
+        reward_model=lambda prompts, completions, **kw: [0.0] * len(completions),
+        train_dataloader=[{"prompt": "Q: 1+2="}],
+    )
+    prompts = ["Q: 1+2=", "Q: 30+4="]
+    prompt_ids, prompt_mask = policy.pad_left([policy.encode_prompt(p) for p in prompts])
+    completion_ids = torch.randint(3, 99, (2, 5), generator=torch.Generator().manual_seed(0))
+    completion_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    rollouts = RolloutBatch(
+        prompts, prompt_ids, prompt_mask, completion_ids, completion_mask, ["", ""],
+        torch.tensor([0, 1]), [{}, {}],
+    )  # fmt: skip
+    got = trainer._old_logprobs(rollouts)
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    with torch.no_grad():
+        logits = policy.model(
+            input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)
+        ).logits
+    p = prompt_ids.shape[1]
+    want = torch.log_softmax(logits[:, p - 1 : p - 1 + 5].float() / 0.7, -1)
+    want = want.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    m = completion_mask.bool()
+    torch.testing.assert_close(got[m], want[m], rtol=1e-4, atol=1e-4)
+
+
+def test_a_logit_transform_that_is_not_a_constant_factor_is_refused():
+    from sdpo.demo import build_char_tokenizer
+
+    model = _scaled_family("granite")
+    PolicyModel(model=model, tokenizer=build_char_tokenizer())  # a constant factor: accepted
+    forward = model.forward
+
+    def squashed(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = out.logits.tanh()
+        return out
+
+    model.forward = squashed
+    with pytest.raises(ValueError, match="not lm_head"):
+        PolicyModel(model=model, tokenizer=build_char_tokenizer())

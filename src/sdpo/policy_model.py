@@ -105,6 +105,12 @@ class PolicyModel:
                 raise ValueError(
                     f"{type(model).__name__} uses {attr}, which sdpo's chunked LM head does not apply yet."
                 )
+        self.logit_scale = _logit_scale(model)
+
+    def head_temperature(self, temperature: float) -> float:
+        """The divisor the chunked LM head applies to ``hidden @ Wᵀ + b`` so that its logits are
+        the model's own (``logit_scale`` included) at sampling ``temperature``."""
+        return temperature / self.logit_scale
 
     # ----- parts ------------------------------------------------------------------------------
 
@@ -445,6 +451,44 @@ def completion_tokens_mask(completion_ids: Tensor, eos_token_id: int) -> Tensor:
     is_eos = completion_ids == eos_token_id
     after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0
     return (~after_eos).long()
+
+
+# Config attributes of models whose logits are a constant multiple of ``lm_head(last hidden)``:
+# Granite (divides by logits_scaling), MiniCPM3 (divides the hidden state by logits_scaling),
+# HyperCLOVA X (multiplies by logits_scaling), Falcon-H1 (multiplies by lm_head_multiplier).
+_SCALE_ATTRS = ("logits_scaling", "lm_head_multiplier")
+
+
+def _logit_scale(model: PreTrainedModel) -> float:
+    """The constant ``c`` with ``model(ids).logits = c · lm_head(backbone(ids))``; 1 for most models.
+
+    Models that declare one of ``_SCALE_ATTRS`` are probed with one short forward: ``c`` is the
+    declared value or its inverse, whichever the two logits agree on. Anything else (a scaling
+    that is not a constant factor) is refused with an error, since the training passes could not
+    reproduce the sampler's distribution.
+    """
+    declared = [getattr(model.config, a, None) for a in _SCALE_ATTRS]
+    declared = [float(v) for v in declared if isinstance(v, (int, float)) and v not in (0, 1)]
+    if not declared:
+        return 1.0
+    head = model.get_output_embeddings()
+    ids = (torch.arange(1, 9, device=head.weight.device) % head.weight.shape[0]).unsqueeze(0)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            full = model(input_ids=ids).logits.double()
+            plain = head(model.base_model(input_ids=ids).last_hidden_state).double()
+    finally:
+        model.train(was_training)
+    for c in [1.0] + [x for v in declared for x in (v, 1.0 / v)]:
+        if torch.allclose(full, c * plain, rtol=1e-2, atol=1e-3 * float(full.abs().max())):
+            return c
+    raise ValueError(
+        f"{type(model).__name__}'s logits are not lm_head(last hidden state) times a constant from "
+        f"its config ({', '.join(_SCALE_ATTRS)}); sdpo's chunked LM head cannot reproduce them. "
+        "Use a model whose logits come from a plain linear head."
+    )
 
 
 def _default_device() -> torch.device:
