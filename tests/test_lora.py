@@ -407,3 +407,23 @@ def test_lora_sigkill_then_resume_is_bitwise_identical(tmp_path):
         b = load_file(str(killed / "checkpoint-000005" / part / "adapter_model.safetensors"))
         assert a.keys() == b.keys() and any("modules_to_save" not in k for k in a)
         assert [k for k in a if not torch.equal(a[k], b[k])] == [], part
+
+
+def test_weights_pushed_to_an_inference_engine_are_the_merged_policy(tmp_path):
+    """generation.backend=vllm pushes iter_full_weights: for LoRA, the base architecture's names
+    with the student's adapter merged (never the teacher's, never PEFT's wrapped names)."""
+    from sdpo.generation import iter_full_weights
+
+    peft_model, tok, base = user_peft_model()
+    trainer = make_trainer(
+        tmp_path, peft_model, tok, model__lora__r=0, model__lora__modules_to_save=[]
+    )
+    pushed = dict(iter_full_weights(trainer.policy.model, torch.float32))
+    assert pushed.keys() == dict(base.named_parameters()).keys()
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    for name, tensor in merged.named_parameters():
+        torch.testing.assert_close(pushed[name], tensor.detach(), rtol=0, atol=1e-6)
+    assert not torch.equal(
+        pushed["model.layers.0.self_attn.q_proj.weight"],
+        base.get_parameter("model.layers.0.self_attn.q_proj.weight"),
+    )

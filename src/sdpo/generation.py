@@ -361,6 +361,11 @@ def iter_full_weights(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[tu
     tensor at a time, so the push never holds more than one unsharded parameter; every rank must
     iterate (the gather is a collective).
     """
+    from sdpo import lora
+
+    if lora.is_peft_model(model):  # LoRA: the merged weights under the base model's names
+        yield from lora.iter_merged_weights(model, dtype)
+        return
     for name, param in model.named_parameters():
         tensor = param.detach()
         if hasattr(tensor, "full_tensor"):

@@ -337,6 +337,36 @@ def merged(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def iter_merged_weights(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, Tensor]]:
+    """``(name, tensor)`` of the policy with its adapter merged, under the plain transformers names
+    (``...q_proj.weight = W + (lora_alpha / r)·B·A``; a ``modules_to_save`` copy under the
+    module's own name), one tensor at a time: what an inference engine that knows only the base
+    architecture (vLLM) loads. Other adapters (the EMA teacher's) are left out."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    adapter = student_adapter(model)
+    hf = model.get_base_model()
+    layers = {n: m for n, m in hf.named_modules() if isinstance(m, BaseTunerLayer)}
+    for name, param in hf.named_parameters():
+        parts = name.split(".")
+        if any(p.startswith("lora_") for p in parts) or "original_module" in parts:
+            continue
+        if "modules_to_save" in parts:
+            i = parts.index("modules_to_save")
+            if parts[i + 1] != adapter:
+                continue
+            yield ".".join(parts[:i] + parts[i + 2 :]), param.detach().to(dtype)
+            continue
+        tensor = param.detach()
+        if "base_layer" in parts:
+            i = parts.index("base_layer")
+            layer = layers.get(".".join(parts[:i]))
+            if parts[i + 1] == "weight" and layer is not None and adapter in layer.lora_A:
+                tensor = tensor + layer.get_delta_weight(adapter).to(tensor.dtype)
+            parts = parts[:i] + parts[i + 1 :]
+        yield ".".join(parts), tensor.to(dtype)
+
+
 def _module_name(model: torch.nn.Module, target: torch.nn.Module | None) -> str | None:
     for name, module in model.named_modules():
         if module is target:
