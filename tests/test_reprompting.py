@@ -140,8 +140,10 @@ def test_feedback_disabled():
         ("<think>hmm</think>\nThe answer is 4.", "The answer is 4."),
         ("a<think>x</think>b<think>y</think>c", "abc"),
         ("reasoning without opener</think> 7", "7"),
-        ("<think>never closed", ""),
+        ("<think>never closed", "<think>never closed"),  # kept, as the official regex does
         ("plain", "plain"),
+        ("<think>plan</think>\n\n    return x\n", "    return x"),  # indentation kept
+        ("    if a:\n        b()\n\n", "    if a:\n        b()"),
     ],
 )
 def test_strip_thinking(text, expected):

@@ -54,13 +54,15 @@ class TeacherContext:
 
 
 def strip_thinking(text: str) -> str:
-    """Remove reasoning: ``<think>...</think>`` blocks, a leading reasoning part closed by a
-    ``</think>`` without an opener (chat templates that open the block themselves), and an unclosed
-    ``<think>`` block running to the end."""
-    text = re.sub(r"<think>.*?</think>", "", text, flags=re.DOTALL)
+    """Remove reasoning: ``<think>...</think>`` blocks (as the official regex does) and a leading
+    reasoning part closed by a ``</think>`` without an opener (chat templates that open the block
+    themselves). An unclosed ``<think>`` is kept, text and all, as in the official code: cutting
+    it left an empty demonstration. Only blank lines around the text go; a demonstration's
+    leading indentation (code) is kept."""
+    text = re.sub(r"<think>.*?</think>[ \t]*", "", text, flags=re.DOTALL)
     if "</think>" in text:
-        text = text.rsplit("</think>", 1)[1]
-    return text.split("<think>", 1)[0].strip()
+        text = text.rsplit("</think>", 1)[1].lstrip(" \t")
+    return re.sub(r"\A(?:[ \t]*\n)+", "", text).rstrip()
 
 
 def reprompt_stats(
