@@ -48,3 +48,16 @@ def test_cli_entry_point_runs_as_a_subprocess():
         timeout=120,
     )
     assert out.returncode == 0 and "quickstart" in out.stdout
+
+
+def test_config_with_resume_is_used_not_ignored(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    SDPOConfig(run__max_steps=5).to_yaml(run / "config.yaml")
+    new = tmp_path / "new.yaml"
+    SDPOConfig(run__max_steps=9).to_yaml(new)
+    args = build_parser().parse_args(["train", "--resume", str(run), "--config", str(new)])
+    config = load_config(args)
+    assert config.run.max_steps == 9 and config.run.output_dir == str(run)
+    args = build_parser().parse_args(["train", "--resume", str(run), "--overwrite"])
+    assert load_config(args).run.overwrite_output_dir

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,8 @@ def _config_help() -> str:
         )
         choices = fld.metadata.get("choices")
         extra = f" {{{', '.join(choices)}}}" if choices else ""
+        if fld.metadata.get("resumable"):
+            extra += " [may change on resume]"
         lines.append(f"  {key} = {shown}{extra}\n      {fld.metadata.get('doc', '')}")
     return "\n".join(lines)
 
@@ -62,7 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="Resume the run in RUN_DIR (its config.yaml, newest checkpoint).",
+        help="Resume the run in RUN_DIR (its config.yaml, newest intact checkpoint), or from one "
+        "checkpoint RUN_DIR/checkpoint-N (the run continues in RUN_DIR). With --config, that file "
+        "is used and may change only the keys a resume may change.",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace an earlier run in the output directory (run.overwrite_output_dir=true); "
+        "without it a non-empty run directory is refused.",
     )
     train.add_argument(
         "overrides",
@@ -185,21 +196,28 @@ def _add_eval_parser(sub: Any) -> None:
 def load_config(args: argparse.Namespace) -> SDPOConfig:
     """The run's config: resume dir's config, else --config, else --preset, else quickstart; then overrides."""
     if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").exists():
+        from sdpo.checkpoint import is_checkpoint
+
+        target = Path(args.resume)
+        run_dir = target.parent if is_checkpoint(target) else target  # a checkpoint: its run
+        saved = target / "config.yaml"
+        if not args.config and not saved.exists():
             raise SystemExit(
-                f"sdpo: --resume {run_dir}: no config.yaml there; give the run directory of an earlier `sdpo train`."
+                f"sdpo: --resume {target}: no config.yaml there; give the run directory of an earlier `sdpo train`."
             )
-        config = SDPOConfig.from_yaml(run_dir / "config.yaml")
-        config.run.resume_from = str(run_dir)
+        config = SDPOConfig.from_yaml(args.config or saved)
+        config.run.resume_from = str(target)
         config.run.output_dir = str(run_dir)
     elif args.config:
         config = SDPOConfig.from_yaml(args.config)
     else:
         config = SDPOConfig.preset(args.preset or "quickstart")
     config.apply_overrides(args.overrides)
+    if args.overwrite:
+        config.run.overwrite_output_dir = True
     if not args.resume and config.run.output_dir == SDPOConfig().run.output_dir:
-        config.run.output_dir = f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
+        # Two runs started in the same second get different directories.
+        config.run.output_dir = f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     return config
 
 
@@ -250,7 +268,9 @@ def build_data(config: SDPOConfig) -> tuple[Any, Any, Any]:
 
 
 def train(args: argparse.Namespace) -> int:
+    from sdpo.checkpoint import CheckpointError
     from sdpo.policy_model import PolicyModel
+    from sdpo.run_dir import RunDirectoryError
     from sdpo.trainer import SDPOTrainer
 
     try:
@@ -268,14 +288,18 @@ def train(args: argparse.Namespace) -> int:
         dtype=config.model.param_dtype,
         trust_remote_code=config.model.trust_remote_code,
     )
-    trainer = SDPOTrainer(
-        config=config,
-        policy_model=policy,
-        reward_model=reward,
-        train_dataloader=train_rows,
-        eval_dataloader=eval_rows,
-    )
-    final = trainer.train()
+    try:
+        trainer = SDPOTrainer(
+            config=config,
+            policy_model=policy,
+            reward_model=reward,
+            train_dataloader=train_rows,
+            eval_dataloader=eval_rows,
+        )
+        final = trainer.train()
+    except (CheckpointError, RunDirectoryError) as exc:  # a refused directory or checkpoint
+        print(f"sdpo: {exc}", file=sys.stderr)
+        return 2
     first = getattr(trainer, "first_eval", {})
     for key in ("eval/accuracy_greedy", "eval/accuracy_sampled"):
         if key in final:

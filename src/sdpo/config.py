@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from sdpo.run_dir import write_text_atomic
+
 
 def _f(default: Any, doc: str, **choices: Any) -> Any:
     """A dataclass field with its help text (and optional allowed values) in the metadata."""
@@ -90,7 +92,9 @@ class ModelConfig:
         choices=("sdpa", "eager", "flash_attention_2"),
     )
     device: str | None = _f(
-        None, "Device to run on (cpu, cuda, cuda:1); None picks CUDA when available."
+        None,
+        "Device to run on (cpu, cuda, cuda:1); None picks CUDA when available.",
+        resumable=True,
     )
     trust_remote_code: bool = _f(False, "Allow custom model code from the model directory.")
     max_prompt_length: int = _f(
@@ -244,7 +248,7 @@ class PolicyGradientConfig:
 class OptimizationConfig:
     """Optimizer, schedule and batching."""
 
-    learning_rate: float = _f(1e-5, "AdamW learning rate.", min_exclusive=0.0)
+    learning_rate: float = _f(1e-5, "AdamW learning rate.", min_exclusive=0.0, resumable=True)
     weight_decay: float = _f(0.01, "AdamW weight decay.", min=0.0)
     adam_beta1: float = _f(0.9, "AdamW beta1.", min=0.0, max=1.0)
     adam_beta2: float = _f(0.999, "AdamW beta2.", min=0.0, max=1.0)
@@ -253,7 +257,7 @@ class OptimizationConfig:
         "constant", "Schedule after warm-up.", choices=("constant", "linear", "cosine")
     )
     max_grad_norm: float | None = _f(
-        1.0, "Gradient-norm clip; None disables it.", min_exclusive=0.0
+        1.0, "Gradient-norm clip; None disables it.", min_exclusive=0.0, resumable=True
     )
     prompts_per_step: int = _f(
         8, "Prompts B per step when the trainer builds the data loader itself.", min=1
@@ -276,7 +280,7 @@ class DataConfig:
         None, "Built-in task (arithmetic, reversal, code); None = use data.train_file."
     )
     train_file: str | None = _f(None, "JSONL file of training rows (a 'prompt' plus any columns).")
-    eval_file: str | None = _f(None, "JSONL file of evaluation rows.")
+    eval_file: str | None = _f(None, "JSONL file of evaluation rows.", resumable=True)
     reward: str | None = _f(
         None,
         "Reward for train_file rows: math, math_lenient, code, exact, or module:function (TRL-style callable).",
@@ -288,22 +292,44 @@ class RunConfig:
     """Bookkeeping: seeds, output, length, logging, checkpoints."""
 
     seed: int = _f(0, "Random seed of the run.")
-    output_dir: str = _f("runs/sdpo", "Run directory (metrics, samples, checkpoints).")
-    max_steps: int = _f(100, "Training steps (one step = one generated batch).", min=1)
-    logging_steps: int = _f(1, "Write metrics every N steps.", min=1)
-    eval_steps: int = _f(0, "Evaluate every N steps (0 = only at the start and the end).", min=0)
-    eval_max_prompts: int | None = _f(None, "Evaluate on at most this many eval prompts.", min=1)
+    output_dir: str = _f(
+        "runs/sdpo",
+        "Run directory (metrics, samples, checkpoints); must be empty unless resuming or overwriting.",
+        resumable=True,
+    )
+    overwrite_output_dir: bool = _f(
+        False,
+        "Delete an earlier run's checkpoints, logs and config in output_dir instead of refusing.",
+        resumable=True,
+    )
+    max_steps: int = _f(
+        100, "Training steps (one step = one generated batch).", min=1, resumable=True
+    )
+    logging_steps: int = _f(1, "Write metrics every N steps.", min=1, resumable=True)
+    eval_steps: int = _f(
+        0, "Evaluate every N steps (0 = only at the start and the end).", min=0, resumable=True
+    )
+    eval_max_prompts: int | None = _f(
+        None, "Evaluate on at most this many eval prompts.", min=1, resumable=True
+    )
     eval_num_samples: int = _f(
-        1, "Sampled completions per eval prompt n (mean@n, pass@k and maj@k for k <= n).", min=1
+        1,
+        "Sampled completions per eval prompt n (mean@n, pass@k and maj@k for k <= n).",
+        min=1,
+        resumable=True,
     )
-    sample_log_steps: int = _f(10, "Write sample records to samples.jsonl every N steps.", min=1)
-    save_steps: int = _f(50, "Checkpoint every N steps (and at the end).", min=1)
-    save_total_limit: int = _f(2, "Keep the last K checkpoints.", min=1)
-    resume_from: str | None = _f(None, "Run directory or checkpoint to resume from.")
+    sample_log_steps: int = _f(
+        10, "Write sample records to samples.jsonl every N steps.", min=1, resumable=True
+    )
+    save_steps: int = _f(50, "Checkpoint every N steps (and at the end).", min=1, resumable=True)
+    save_total_limit: int = _f(2, "Keep the last K checkpoints.", min=1, resumable=True)
+    resume_from: str | None = _f(
+        None, "Run directory or checkpoint to resume from.", resumable=True
+    )
     max_consecutive_nonfinite: int = _f(
-        3, "Stop after this many steps in a row with a non-finite loss.", min=1
+        3, "Stop after this many steps in a row with a non-finite loss.", min=1, resumable=True
     )
-    progress_bar: bool = _f(True, "Show a progress bar.")
+    progress_bar: bool = _f(True, "Show a progress bar.", resumable=True)
     report_to: list[str] = _f(
         ["jsonl"],
         "Trackers: jsonl (always on), tensorboard, wandb, mlflow, trackio (e.g. [jsonl,tensorboard]).",
@@ -485,8 +511,10 @@ class SDPOConfig:
             if "choices" in meta and value not in meta["choices"]:
                 raise ValueError(f"{key} = {value!r} is not one of {list(meta['choices'])}.")
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                if isinstance(value, float) and math.isnan(value):
-                    raise ValueError(f"{key} is NaN; give a finite number.")
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ValueError(
+                        f"{key} is {'NaN' if math.isnan(value) else value}; give a finite number."
+                    )
                 lo, hi = meta.get("min"), meta.get("max")
                 lo_ex = meta.get("min_exclusive")
                 if lo is not None and value < lo:
@@ -542,8 +570,17 @@ class SDPOConfig:
         return cls(**{k.replace(".", "__"): v for k, v in data.items()})
 
     def to_yaml(self, path: str | Path) -> None:
-        """Write the config as YAML."""
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write the config as YAML, atomically (the old file stays whole if the write fails)."""
+        write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def diff(self, other: SDPOConfig) -> dict[str, tuple[Any, Any]]:
+        """``{dotted key: (self's value, other's value)}`` for every key where the two differ."""
+        return {k: (self.get(k), other.get(k)) for k in self.keys() if self.get(k) != other.get(k)}
+
+    @classmethod
+    def resumable_keys(cls) -> list[str]:
+        """Keys a resumed run may change (bookkeeping, learning rate, clip); the others are fixed."""
+        return [k for k in cls.keys() if cls.field_info(k)[0].metadata.get("resumable")]
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> SDPOConfig:

@@ -12,14 +12,14 @@ normalized by whole-step counts, so the gradient does not depend on the micro-ba
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import operator
 import signal
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,8 @@ from sdpo.policy_gradient import (
 )
 from sdpo.policy_model import PolicyModel, RolloutBatch, completion_id_lists, output_head
 from sdpo.reprompting import Reprompter, TeacherContext
-from sdpo.reward_model import as_reward_model, call_reward_model
+from sdpo.reward_model import RewardFunctionError, as_reward_model, call_reward_model
+from sdpo.run_dir import RunDirectory
 from sdpo.self_distillation import importance_weights, policy_terms, self_distillation_loss
 from sdpo.teacher import Teacher, reference_weights
 from sdpo.tracking import ExperimentTracker, check_trackers
@@ -88,6 +89,7 @@ class SDPOTrainer:
     ) -> None:
         self.config = config.validate()
         self.policy = policy_model
+        _check_dtype(config, policy_model.device)
         self.reward_model = as_reward_model(reward_model)
         run = config.run
         self.runtime = Runtime(self.config, policy_model.device)
@@ -122,6 +124,15 @@ class SDPOTrainer:
         self.tracker: ExperimentTracker | None = None
 
         self.run_dir = Path(run.output_dir)
+        if any(ckpt.is_checkpoint(p) for p in (self.run_dir, *self.run_dir.resolve().parents)):
+            raise ValueError(
+                f"run.output_dir = {run.output_dir} is inside a checkpoint; a resumed run continues "
+                "in the checkpoint's run directory (its parent) or in a new directory you name."
+            )
+        self._run = RunDirectory(self.run_dir)
+        self._owns_run_dir = False  # this trainer's files are in run_dir already
+        self._resumed_from: Path | None = None
+        self._saved_step: int | None = None
         self.global_step = 0
         self.counters = {"skipped_long_prompts": 0, "skipped_nonfinite_steps": 0}
         self._nonfinite_in_row = 0
@@ -200,7 +211,7 @@ class SDPOTrainer:
             completion_id_lists(rollouts.completion_ids, rollouts.completion_mask),
             trainer_state=self.trainer_state(),
         )
-        rollouts.rewards = torch.tensor([float(o.score) for o in outputs], dtype=torch.float32)
+        rollouts.rewards = self._checked_rewards(outputs, rollouts)
         rollouts.feedback = [o.feedback for o in outputs]
         rollouts.reward_info = [o.info for o in outputs]
         rollouts.reward_metrics = log.metric_means()
@@ -579,18 +590,38 @@ class SDPOTrainer:
     # ----- the loop ---------------------------------------------------------------------------
 
     def train(self) -> dict[str, float]:
-        """Run until ``run.max_steps``; evaluate, log, checkpoint; Ctrl-C stops after the current step.
+        """Run until ``run.max_steps``; evaluate, log, checkpoint; Ctrl-C or SIGTERM stops after the
+        current step and saves a checkpoint.
 
-        Returns the last evaluation's metrics (empty without an eval set).
+        The run directory is locked while this runs and must be empty, this run's own (resume), or
+        overwritten (``run.overwrite_output_dir``). Returns the last evaluation's metrics (empty
+        without an eval set).
         """
+        with self._holding_run_dir():
+            self.config.to_yaml(self.run_dir / "config.yaml")
+            self._start_tracking()
+            self.last_eval = self.evaluate() if self.global_step == 0 else {}
+            self.first_eval = dict(self.last_eval)
+            with self._stop_signals():
+                self._loop()
+            if self._stop_requested:
+                path = self.save_checkpoint()
+                print(
+                    f"\nStopped at step {self.global_step}; checkpoint {path}.\nResume with: sdpo train --resume {self.run_dir}",
+                    file=sys.stderr,
+                )
+                self._finish_tracking()
+                return self.last_eval
+            self.last_eval = self.evaluate()
+            self._finish_tracking()
+        for cb in self.callbacks:
+            if hasattr(cb, "on_train_end"):
+                cb.on_train_end(self)
+        return self.last_eval
+
+    def _loop(self) -> None:
         run = self.config.run
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.config.to_yaml(self.run_dir / "config.yaml")
-        self._start_tracking()
-        self.last_eval = self.evaluate() if self.global_step == 0 else {}
-        self.first_eval = dict(self.last_eval)
         bar = _progress(run, self.global_step)
-        previous = signal.signal(signal.SIGINT, self._request_stop) if _main_thread() else None
         try:
             while self.global_step < run.max_steps and not self._stop_requested:
                 metrics = self.step()
@@ -614,24 +645,21 @@ class SDPOTrainer:
                         distill=f"{metrics.get('self_distillation/distillation_loss', 0.0):.4f}",
                     )
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
             if bar is not None:
                 bar.close()
-        if self._stop_requested:
-            path = self.save_checkpoint()
-            print(
-                f"\nStopped at step {self.global_step}; checkpoint {path}.\nResume with: sdpo train --resume {self.run_dir}",
-                file=sys.stderr,
-            )
-            self._finish_tracking()
-            return self.last_eval
-        self.last_eval = self.evaluate()
-        self._finish_tracking()
-        for cb in self.callbacks:
-            if hasattr(cb, "on_train_end"):
-                cb.on_train_end(self)
-        return self.last_eval
+
+    @contextlib.contextmanager
+    def _stop_signals(self) -> Iterator[None]:
+        """Ctrl-C (SIGINT) and a scheduler's preemption (SIGTERM) stop after the current step."""
+        if not _main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _check_health(self, step: int, metrics: dict[str, float], bar: Any) -> None:
         """Print the health warnings due at this step (sdpo.health); log their counters."""
@@ -644,13 +672,32 @@ class SDPOTrainer:
         metrics.update(self.health.counters)
 
     def _request_stop(self, signum: int, frame: Any) -> None:
-        if self._stop_requested:  # a second Ctrl-C: stop now
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        if self._stop_requested:  # a second signal: stop now
             raise KeyboardInterrupt
         self._stop_requested = True
         print(
-            "\nCtrl-C: finishing the current step, then saving a checkpoint (Ctrl-C again to abort).",
+            f"\n{name}: finishing the current step, then saving a checkpoint ({name} again to abort).",
             file=sys.stderr,
         )
+
+    @contextlib.contextmanager
+    def _holding_run_dir(self) -> Iterator[None]:
+        """Hold the run directory's lock (claiming it on first use); re-entrant."""
+        if self._run.claimed:
+            yield
+            return
+        own = self._owns_run_dir or (
+            self._resumed_from is not None
+            and self._resumed_from.parent.resolve() == self.run_dir.resolve()
+        )
+        self._run.claim(own=own, overwrite=self.config.run.overwrite_output_dir)
+        try:
+            ckpt.cleanup(self.run_dir)
+            self._owns_run_dir = True
+            yield
+        finally:
+            self._run.release()
 
     # ----- logging & checkpoints --------------------------------------------------------------
 
@@ -678,11 +725,11 @@ class SDPOTrainer:
             self.tracker.log(metrics, step)
 
     def _write_jsonl(self, name: str, record: dict[str, Any]) -> None:
+        """Append a strict-JSON line (NaN and inf are written as null)."""
         if not self.runtime.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / name, "a") as fh:
-            fh.write(json.dumps(record, default=_json_default) + "\n")
+        self._run.append_jsonl(name, record)
 
     def _write_samples(self, rollouts: RolloutBatch, contexts: list[TeacherContext | None]) -> None:
         records = []
@@ -717,7 +764,14 @@ class SDPOTrainer:
         return modules
 
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoint-{step}`` atomically under the run directory."""
+        """Write ``checkpoint-{step}`` atomically under the run directory.
+
+        Nothing is written when this step is saved already (nothing changed since); weights with
+        NaN or inf are refused (:class:`~sdpo.checkpoint.NonFiniteWeightsError`).
+        """
+        existing = self.run_dir / f"checkpoint-{self.global_step:06d}"
+        if self._saved_step == self.global_step and existing.is_dir():
+            return existing
         state = {
             "global_step": self.global_step,
             "data": self.train_data.state_dict(),
@@ -732,20 +786,28 @@ class SDPOTrainer:
         }
         if hasattr(self.reprompter, "rng"):
             objects["reprompter_rng"] = self.reprompter.rng.getstate()
-        return ckpt.save_checkpoint(
-            self.run_dir,
-            self.global_step,
-            policy=self.policy,
-            modules=self._checkpoint_modules(),
-            objects=objects,
-            trainer_state=state,
-            config=self.config,
-            keep=self.config.run.save_total_limit,
-        )
+        with self._holding_run_dir():
+            path = ckpt.save_checkpoint(
+                self.run_dir,
+                self.global_step,
+                policy=self.policy,
+                modules=self._checkpoint_modules(),
+                objects=objects,
+                trainer_state=state,
+                config=self.config,
+                keep=self.config.run.save_total_limit,
+            )
+        self._saved_step = self.global_step
+        return path
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Restore everything a step depends on from a checkpoint (or a run directory's newest)."""
+        """Restore everything a step depends on from a checkpoint (or a run directory's newest intact one).
+
+        Only :meth:`~sdpo.config.SDPOConfig.resumable_keys` may differ from the checkpoint's
+        config; they take effect (a new learning rate included), any other change is refused.
+        """
         path = ckpt.resolve_checkpoint(path)
+        self._check_resumable(path)
         state, objects = ckpt.load_checkpoint(
             path, policy=self.policy, modules=self._checkpoint_modules()
         )
@@ -753,16 +815,72 @@ class SDPOTrainer:
             raise ValueError(
                 f"Checkpoint {path} was written with teacher {state['teacher']!r}, this run uses {self.teacher.kind!r}."
             )
+        for name in ("optimizer", "scheduler", "rng"):
+            if name not in objects:
+                raise ckpt.CheckpointError(f"Checkpoint {path} has no {name}.pt.")
         self.optimizer.load_state_dict(objects["optimizer"])
         self.scheduler.load_state_dict(objects["scheduler"])
+        self._apply_learning_rate()
         ckpt.set_rng_state(objects["rng"])
         if "reprompter_rng" in objects and hasattr(self.reprompter, "rng"):
-            self.reprompter.rng.setstate(objects["reprompter_rng"])
+            self.reprompter.rng.setstate(ckpt._as_tuples(objects["reprompter_rng"]))
         self.train_data.load_state_dict(state["data"])
         self.global_step = int(state["global_step"])
         self.counters.update(state.get("counters", {}))
         self._nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
         self.generator.sync_weights()
+        self._resumed_from = path
+        self._saved_step = self.global_step
+
+    def _check_resumable(self, path: Path) -> None:
+        """Refuse a resume whose config changes a key that is fixed for a run."""
+        saved = SDPOConfig.from_yaml(path / "config.yaml")
+        allowed = set(SDPOConfig.resumable_keys())
+        fixed = {k: v for k, v in saved.diff(self.config).items() if k not in allowed}
+        if fixed:
+            changes = ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in fixed.items())
+            raise ckpt.CheckpointError(
+                f"Cannot resume {path} with changed settings: {changes}. A resumed run may change "
+                f"only {', '.join(sorted(allowed))}; start a new run (another run.output_dir) "
+                "to change the others."
+            )
+
+    def _apply_learning_rate(self) -> None:
+        """After loading the scheduler: the (possibly new) base learning rate and schedule apply."""
+        lr = self.config.optimization.learning_rate
+        self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
+        for group, factor in zip(
+            self.optimizer.param_groups, self.scheduler.lr_lambdas, strict=True
+        ):
+            group["initial_lr"] = lr
+            group["lr"] = lr * factor(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def _checked_rewards(self, outputs: list[Any], rollouts: RolloutBatch) -> Tensor:
+        """Scores as float32, each checked to be a finite number there; errors name model and row."""
+        name = self.reward_model.name
+        scores = []
+        for i, out in enumerate(outputs):
+            try:
+                scores.append(float(out.score))
+            except (TypeError, ValueError, AttributeError):
+                raise RewardFunctionError(
+                    f"Reward model {name!r} returned {getattr(out, 'score', out)!r} as the score of "
+                    f"row {i} (prompt {rollouts.prompts[i]!r:.60}); a score must be a finite number."
+                ) from None
+        rewards = torch.tensor(scores, dtype=torch.float32)
+        bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+        if bad:
+            i = bad[0]
+            raise RewardFunctionError(
+                f"Reward model {name!r} gave row {i} (prompt {rollouts.prompts[i]!r:.60}) the score "
+                f"{scores[i]!r}, which is not a finite float32 (|score| < 3.4e38); "
+                f"{len(bad)} of {len(scores)} rows are affected."
+            )
+        return rewards
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def lr_schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -801,7 +919,11 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.tolist()
-    return str(obj)
+def _check_dtype(config: SDPOConfig, device: torch.device) -> None:
+    """float16 on CPU (weights or compute) trained into NaN weights in the adversarial trial: refuse it."""
+    for key in ("model.dtype", "model.param_dtype"):
+        if device.type == "cpu" and config.get(key) == "float16":
+            raise ValueError(
+                f"{key} = float16 on CPU is not supported (training in it produced NaN weights); "
+                f"use {key}=float32 (or bfloat16), or a CUDA device."
+            )
