@@ -317,3 +317,30 @@ def test_readme_lists_the_keys_a_resume_may_change():
     section = text.split("What may change on resume")[1].split("- **Checkpoints**")[0]
     for key in SDPOConfig.resumable_keys():
         assert f"`{key}`" in section, key
+
+
+def test_sigterm_saves_a_checkpoint_like_ctrl_c(tmp_path, capsys):
+    class Preempt:
+        def on_step_end(self, trainer, metrics):
+            if trainer.global_step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's preemption
+
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda *a: seen.append("outer handler"))
+    try:
+        trainer = make_trainer(tmp_path / "run", run__max_steps=3, run__save_steps=10)
+        trainer.callbacks.append(Preempt())
+        trainer.train()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert trainer.global_step == 1 and not seen
+    assert ckpt.resolve_checkpoint(tmp_path / "run").name == "checkpoint-000001"
+    assert "SIGTERM: finishing the current step" in capsys.readouterr().err
+
+
+def test_metrics_jsonl_is_strict_json(tmp_path):
+    trainer = make_trainer(tmp_path / "run")
+    trainer._write_jsonl("metrics.jsonl", {"step": 1, "loss": math.nan, "kl": math.inf})
+    line = (tmp_path / "run" / "metrics.jsonl").read_text()
+    record = json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in {line}"))
+    assert record == {"step": 1, "loss": None, "kl": None}
