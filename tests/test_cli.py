@@ -61,3 +61,8 @@ def test_config_with_resume_is_used_not_ignored(tmp_path):
     assert config.run.max_steps == 9 and config.run.output_dir == str(run)
     args = build_parser().parse_args(["train", "--resume", str(run), "--overwrite"])
     assert load_config(args).run.overwrite_output_dir
+
+
+def test_a_directory_as_config_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path)]) == 2
+    assert f"sdpo: {tmp_path} is a directory" in capsys.readouterr().err

@@ -123,3 +123,67 @@ def test_bad_values_raise_value_error_naming_field_and_range(kwargs, message):
 def test_override_without_equals_sign():
     with pytest.raises(ValueError, match="key=value"):
         SDPOConfig().apply_overrides(["alpha"])
+
+
+# ----- the adversarial trial's config cases (issue 8, item 17) -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": math.inf}, r"generation.temperature is inf; give a finite number"),
+        ({"distillation_weight": math.inf}, r"distillation_weight is inf"),
+        ({"kl_penalty_weight": math.inf}, r"kl_penalty_weight is inf"),
+        ({"adam_beta1": 1.0}, r"optimization.adam_beta1 = 1.0 is out of range: must be < 1"),
+        ({"adam_beta2": 1.0}, r"optimization.adam_beta2 = 1.0 is out of range: must be < 1"),
+        ({"clip_eps_low": 1.0}, r"policy_gradient.clip_eps_low = 1.0 is out of range: must be < 1"),
+        (
+            {"min_new_tokens": 9, "max_new_tokens": 8},
+            r"generation.min_new_tokens = 9 is more than generation.max_new_tokens = 8",
+        ),
+        ({"model_name": ""}, r"model_name is empty"),
+        ({"model_name": "  "}, r"model_name is empty"),
+        ({"output_dir": ""}, r"run.output_dir is empty"),
+        ({"seed": 2**70}, r"run.seed = \d+ is out of range: must be <= 4294967295"),
+        ({"seed": -1}, r"run.seed = -1 is out of range: must be >= 0"),
+    ],
+)
+def test_adversarial_values_are_refused_naming_the_key(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SDPOConfig(**kwargs)
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run:\n  max_steps: [1\n")
+    with pytest.raises(ValueError, match=f"{bad}: invalid YAML"):
+        SDPOConfig.from_yaml(bad)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    with pytest.raises(ValueError, match=f"{binary} is not a UTF-8 text file"):
+        SDPOConfig.from_yaml(binary)
+    with pytest.raises(ValueError, match=f"{tmp_path} is a directory"):
+        SDPOConfig.from_yaml(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("run:\n  seed: 1\n  seed: 2\n", r"duplicate key 'seed'"),
+        ("alpha: 0.5\nalpha: 1.0\n", r"duplicate key 'alpha'"),
+        ("alpha: 0.5\nself_distillation:\n  alpha: 1.0\n", r"self_distillation.alpha is set twice"),
+        ("run.seed: 1\nrun:\n  seed: 2\n", r"run.seed is set twice"),
+    ],
+)
+def test_duplicate_or_conflicting_yaml_keys_are_refused(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        SDPOConfig.from_yaml(path)
+
+
+def test_unknown_key_hint_lists_each_name_once():
+    with pytest.raises(KeyError) as info:
+        SDPOConfig().set("model.nme", 8)
+    hint = str(info.value).split("Did you mean: ")[1].split("?")[0].split(", ")
+    assert len(hint) == len(set(hint)), hint

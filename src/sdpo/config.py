@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -230,7 +231,9 @@ class PolicyGradientConfig:
     kl_penalty_weight: float = _f(
         0.01, "Weight of the k3 reference-KL penalty; 0 skips loading a reference model.", min=0.0
     )
-    clip_eps_low: float = _f(0.2, "Lower clip epsilon of the ratio (1 - eps_low).", min=0.0)
+    clip_eps_low: float = _f(
+        0.2, "Lower clip epsilon of the ratio (1 - eps_low).", min=0.0, max_exclusive=1.0
+    )
     clip_eps_high: float = _f(
         0.2, "Upper clip epsilon of the ratio (1 + eps_high); DAPO uses 0.28.", min=0.0
     )
@@ -250,8 +253,8 @@ class OptimizationConfig:
 
     learning_rate: float = _f(1e-5, "AdamW learning rate.", min_exclusive=0.0, resumable=True)
     weight_decay: float = _f(0.01, "AdamW weight decay.", min=0.0)
-    adam_beta1: float = _f(0.9, "AdamW beta1.", min=0.0, max=1.0)
-    adam_beta2: float = _f(0.999, "AdamW beta2.", min=0.0, max=1.0)
+    adam_beta1: float = _f(0.9, "AdamW beta1.", min=0.0, max_exclusive=1.0)
+    adam_beta2: float = _f(0.999, "AdamW beta2.", min=0.0, max_exclusive=1.0)
     warmup_steps: int = _f(0, "Linear warm-up steps.", min=0)
     lr_scheduler: str = _f(
         "constant", "Schedule after warm-up.", choices=("constant", "linear", "cosine")
@@ -285,13 +288,24 @@ class DataConfig:
         None,
         "Reward for train_file rows: math, math_lenient, code, exact, or module:function (TRL-style callable).",
     )
+    reward_timeout_s: float | None = _f(
+        None,
+        "Stop the run when one reward call takes longer than this (seconds); None = no limit.",
+        min_exclusive=0.0,
+        resumable=True,
+    )
+    max_feedback_chars: int | None = _f(
+        10_000,
+        "Cut reward feedback longer than this, with a marker (teacher prompt, samples.jsonl).",
+        min=1,
+    )
 
 
 @dataclass
 class RunConfig:
     """Bookkeeping: seeds, output, length, logging, checkpoints."""
 
-    seed: int = _f(0, "Random seed of the run.")
+    seed: int = _f(0, "Random seed of the run.", min=0, max=2**32 - 1)
     output_dir: str = _f(
         "runs/sdpo",
         "Run directory (metrics, samples, checkpoints); must be empty unless resuming or overwriting.",
@@ -417,14 +431,29 @@ class SDPOConfig:
         for fld in dataclasses.fields(self):
             has_factory = fld.default_factory is not dataclasses.MISSING
             setattr(self, fld.name, fld.default_factory() if has_factory else fld.default)
+        given: dict[str, str] = {}  # dotted key -> how it was given, to catch a key set twice
+
+        def assign(name: str, value: Any) -> None:
+            if isinstance(value, dict) and name in _SUBSECTIONS:  # model.lora: {r: 8}
+                for sub, v in value.items():
+                    assign(f"{name}.{sub}", v)
+                return
+            key = self.resolve_key(name)
+            if key in given:
+                raise ValueError(
+                    f"{key} is set twice (as {given[key]!r} and as {name!r}); keep one of them."
+                )
+            given[key] = name
+            self.set(key, value)
+
         for key, value in kwargs.items():
             if key in SECTIONS and isinstance(value, dict):
                 for sub, v in value.items():
-                    self.set(f"{key}.{sub}", v)
+                    assign(f"{key}.{sub}", v)
             elif key in SECTIONS and isinstance(value, SECTIONS[key]):
                 setattr(self, key, value)
             else:
-                self.set(key.replace("__", "."), value)
+                assign(key.replace("__", "."), value)
         self.validate()
 
     # ----- lookup -------------------------------------------------------------------------------
@@ -446,7 +475,7 @@ class SDPOConfig:
             if len(owners) == 1:
                 return owners[0]
         leaves = {k.split(".")[-1] for k in valid}
-        close = difflib.get_close_matches(key, valid + sorted(leaves), n=3, cutoff=0.5)
+        close = difflib.get_close_matches(key, valid + sorted(leaves - set(valid)), n=3, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise KeyError(f"Unknown config key {key!r}.{hint} (`sdpo train --help` lists all keys.)")
 
@@ -516,7 +545,7 @@ class SDPOConfig:
                         f"{key} is {'NaN' if math.isnan(value) else value}; give a finite number."
                     )
                 lo, hi = meta.get("min"), meta.get("max")
-                lo_ex = meta.get("min_exclusive")
+                lo_ex, hi_ex = meta.get("min_exclusive"), meta.get("max_exclusive")
                 if lo is not None and value < lo:
                     raise ValueError(
                         f"{key} = {value} is out of range: must be >= {lo}{f' and <= {hi}' if hi is not None else ''}."
@@ -527,6 +556,19 @@ class SDPOConfig:
                     )
                 if lo_ex is not None and value <= lo_ex:
                     raise ValueError(f"{key} = {value} is out of range: must be > {lo_ex}.")
+                if hi_ex is not None and value >= hi_ex:
+                    raise ValueError(f"{key} = {value} is out of range: must be < {hi_ex}.")
+        for key in ("model_name", "run.output_dir"):
+            if not self.get(key).strip():
+                raise ValueError(
+                    f"{key} is empty; give a {'model path or hub id' if key == 'model_name' else 'directory'}."
+                )
+        gen = self.generation
+        if gen.min_new_tokens > gen.max_new_tokens:
+            raise ValueError(
+                f"generation.min_new_tokens = {gen.min_new_tokens} is more than "
+                f"generation.max_new_tokens = {gen.max_new_tokens}."
+            )
         if self.generation.backend == "vllm" and self.model.lora.r > 0:
             raise ValueError(
                 "generation.backend = 'vllm' with model.lora.r > 0 is not supported yet (the weight "
@@ -540,6 +582,8 @@ class SDPOConfig:
                     f"run.report_to: unknown tracker {name!r}; choose from {', '.join(TRACKERS)}."
                 )
         sd = self.self_distillation
+        for name, (fields, required) in TEMPLATE_FIELDS.items():
+            _check_template(f"self_distillation.{name}", getattr(sd, name), fields, required)
         if not math.isfinite(sd.success_reward_threshold):
             raise ValueError("self_distillation.success_reward_threshold must be a finite number.")
         if sd.distillation_level == "token" and sd.alpha != 1.0:
@@ -584,15 +628,26 @@ class SDPOConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> SDPOConfig:
-        """Read a YAML config written by :meth:`to_yaml` (or by hand; sections may be partial)."""
+        """Read a YAML config written by :meth:`to_yaml` (or by hand; sections may be partial).
+
+        Errors name the file (and line); a key given twice is refused.
+        """
         path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"Config file {path} does not exist.")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _read_yaml(path) or {}
         if isinstance(data, dict) and "preset" in data:
             name = data.pop("preset")
             base = cls.preset(name)
+            given: dict[str, str] = {}
             for key, value in _flatten(data):
+                if isinstance(value, dict) and key in _SUBSECTIONS:
+                    base.set(key, value)
+                    continue
+                resolved = cls.resolve_key(key)
+                if resolved in given:
+                    raise ValueError(
+                        f"{path}: {resolved} is set twice (as {given[resolved]!r} and as {key!r})."
+                    )
+                given[resolved] = key
                 base.set(key, value)
             return base.validate()
         return cls.from_dict(data)
@@ -614,6 +669,66 @@ class SDPOConfig:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, SDPOConfig) and self.to_dict() == other.to_dict()
+
+
+TEMPLATE_FIELDS: dict[str, tuple[set[str], str | None]] = {
+    "reprompt_template": ({"prompt", "solution", "feedback"}, "prompt"),
+    "solution_template": ({"successful_previous_attempt"}, None),
+    "feedback_template": ({"feedback_raw"}, None),
+}
+
+
+def _check_template(key: str, text: str, fields: set[str], required: str | None) -> None:
+    """A ``str.format`` template may use only ``fields`` (``{{``/``}}`` for literal braces)."""
+    try:
+        used = [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
+    except ValueError as exc:
+        raise ValueError(
+            f"{key} is not a valid template ({exc}); write a literal brace as {{{{ or }}}}."
+        ) from None
+    allowed = ", ".join("{" + f + "}" for f in sorted(fields))
+    for name in used:
+        if name not in fields:
+            raise ValueError(f"{key} has an unknown field {{{name}}}; its fields are {allowed}.")
+    if required and required not in used:
+        raise ValueError(f"{key} must contain {{{required}}} (its fields are {allowed}).")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping key given twice."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(path: Path) -> Any:
+    """Parse a YAML file; every error names the file (and the line for syntax errors)."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; give a YAML config file.")
+    if not path.exists():
+        raise FileNotFoundError(f"Config file {path} does not exist.")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{path} is not a UTF-8 text file (byte {exc.start}); give a YAML config file."
+        ) from None
+    loader = _UniqueKeyLoader(text)
+    loader.name = str(path)  # marks say the file, not "<unicode string>"
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: invalid YAML: {exc}") from None
+    finally:
+        loader.dispose()
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:

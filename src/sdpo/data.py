@@ -8,7 +8,7 @@ batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +22,28 @@ def load_rows(source: Any) -> list[dict[str, Any]]:
         path = Path(source)
         if not path.exists():
             raise FileNotFoundError(f"Data file {path} does not exist.")
-        rows = []
-        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        rows, where = [], []
+        for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(
+                    f"{path}:{lineno} is not valid UTF-8 (byte {exc.start} of the line); save the file as UTF-8."
+                ) from None
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{path}:{lineno} is not valid JSON: {exc}") from None
-    elif isinstance(source, Iterable) and not isinstance(source, dict):
-        rows = [dict(row) for row in source]
+                where.append(f"{path}:{lineno}")
+        if not rows:
+            raise ValueError(f"The dataset {path} is empty.")
+        for i, row in enumerate(rows):
+            check_row(row, i, where[i])
+        check_columns(rows, where)
+        return rows
+    elif isinstance(source, Iterable) and not isinstance(source, (dict, str, bytes)):
+        rows = [dict(row) if isinstance(row, Mapping) else row for row in source]
     else:
         raise TypeError(
             f"Training data must be a list of dicts, a datasets.Dataset, a JSONL path or a DataLoader; got {type(source).__name__}."
@@ -39,18 +52,18 @@ def load_rows(source: Any) -> list[dict[str, Any]]:
         raise ValueError("The dataset is empty.")
     for i, row in enumerate(rows):
         check_row(row, i)
+    check_columns(rows)
     return rows
 
 
-def check_row(row: Any, index: int) -> None:
-    """Raise a clear error when a row is not a dict with a ``prompt``."""
+def check_row(row: Any, index: int, where: str | None = None) -> None:
+    """Raise a clear error when a row is not a dict with a non-empty ``prompt``."""
+    name = f"Row {index}" + (f" ({where})" if where else "")
     if not isinstance(row, dict):
-        raise TypeError(
-            f"Row {index} is a {type(row).__name__}, expected a dict with a 'prompt' key."
-        )
+        raise TypeError(f"{name} is a {type(row).__name__}, expected a dict with a 'prompt' key.")
     if "prompt" not in row:
         raise KeyError(
-            f"Row {index} has no 'prompt' column; it has columns {sorted(row)}. Rename the prompt column to 'prompt'."
+            f"{name} has no 'prompt' column; it has columns {sorted(row)}. Rename the prompt column to 'prompt'."
         )
     prompt = row["prompt"]
     ok = isinstance(prompt, str) or (
@@ -59,8 +72,22 @@ def check_row(row: Any, index: int) -> None:
     )
     if not ok:
         raise TypeError(
-            f"Row {index}: 'prompt' must be a string or a list of {{'role', 'content'}} messages, got {prompt!r:.80}."
+            f"{name}: 'prompt' must be a string or a list of {{'role', 'content'}} messages, got {prompt!r:.80}."
         )
+    if not prompt or (isinstance(prompt, str) and not prompt.strip()):
+        raise ValueError(f"{name}: 'prompt' is empty; every row needs a question.")
+
+
+def check_columns(rows: list[dict[str, Any]], where: list[str] | None = None) -> None:
+    """Every row has the columns of row 0 (a missing answer would reach the reward as None)."""
+    columns = rows[0].keys()
+    for i, row in enumerate(rows):
+        missing = [c for c in columns if c not in row]
+        if missing:
+            place = f" ({where[i]})" if where else ""
+            raise ValueError(
+                f"Row {i}{place} has no {missing[0]!r} column, which row 0 has; every row needs the same columns."
+            )
 
 
 def _unbatch(batch: Any) -> list[dict[str, Any]]:
@@ -119,11 +146,20 @@ class PromptSource:
         except StopIteration:
             self.epoch, self.index = self.epoch + 1, 0
             self._iter = iter(self.loader)
-            batch = next(self._iter)
+            batch = next(self._iter, None)
+            if batch is None:
+                raise ValueError(
+                    "The training DataLoader yielded no batch (is its dataset empty?)."
+                ) from None
         self.index += 1
         rows = _unbatch(batch)
+        if not rows:
+            raise ValueError(
+                f"The training DataLoader yielded an empty batch (batch {self.index})."
+            )
         for i, row in enumerate(rows):
             check_row(row, i)
+        check_columns(rows)
         return rows
 
     @property

@@ -22,13 +22,16 @@ it passes the keyword arguments of :data:`TRAINER_KWARGS`.
 from __future__ import annotations
 
 import ast
+import contextlib
+import copy
 import functools
 import inspect
 import math
 import re
+import signal
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,8 +160,13 @@ def call_reward_model(
     completions: Sequence[str],
     completion_ids: Sequence[Sequence[int]],
     trainer_state: Any = None,
+    timeout_s: float | None = None,
 ) -> tuple[list[RewardOutput], RewardLog]:
     """Score the completions of ``rows`` as TRL's GRPOTrainer calls reward functions.
+
+    Guarded: the reward gets copies of the prompts and completions, ``sys.exit`` inside it is a
+    :class:`RewardFunctionError`, and a call longer than ``timeout_s`` raises
+    :class:`RewardTimeoutError`.
 
     ``reward_model(prompts, completions, completion_ids=, trainer_state=, log_metric=, log_extra=,
     **columns)`` with completions in TRL's form (:func:`as_trl_completions`) and ``columns`` the
@@ -171,15 +179,22 @@ def call_reward_model(
     skip = ("prompt", "completion", *TRAINER_KWARGS)
     columns = {k: [row.get(k) for row in rows] for k in rows[0] if k not in skip}
     log = RewardLog()
-    outputs = reward_model(
-        prompts,
-        as_trl_completions(prompts, completions),
-        completion_ids=[list(ids) for ids in completion_ids],
-        trainer_state=TrainerState() if trainer_state is None else trainer_state,
-        log_metric=log.log_metric,
-        log_extra=log.log_extra,
-        **columns,
-    )
+    try:
+        with _time_limit(timeout_s, f"Reward model {reward_model.name!r}"):
+            outputs = reward_model(
+                copy.deepcopy(prompts),  # a reward that mutates its inputs changes nothing here
+                as_trl_completions(prompts, completions),
+                completion_ids=[list(ids) for ids in completion_ids],
+                trainer_state=TrainerState() if trainer_state is None else trainer_state,
+                log_metric=log.log_metric,
+                log_extra=log.log_extra,
+                **columns,
+            )
+    except SystemExit as exc:
+        raise RewardFunctionError(
+            f"Reward model {reward_model.name!r} called sys.exit({exc.code!r}); a reward "
+            "function must return its scores."
+        ) from None
     if len(outputs) != len(rows):
         raise ValueError(
             f"Reward model {reward_model.name!r} returned {len(outputs)} results for {len(rows)} completions."
@@ -686,6 +701,43 @@ class FunctionRewardModel(RewardModel):
 
 def _ignore_extra(column: str, values: list[Any]) -> None:
     """A ``log_extra`` that drops what it is given."""
+
+
+# ----- calling a reward model from the trainer ----------------------------------------------------
+
+
+class RewardTimeoutError(RewardFunctionError):
+    """A reward call ran past ``data.reward_timeout_s``."""
+
+
+def cap_feedback(feedback: str | None, max_chars: int | None) -> str | None:
+    """``feedback`` cut to ``max_chars`` characters plus a marker saying how much was cut."""
+    if feedback is None or max_chars is None or len(feedback) <= max_chars:
+        return feedback
+    return f"{feedback[:max_chars]}\n[feedback truncated: {len(feedback)} characters, {max_chars} kept]"
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None, what: str) -> Iterator[None]:
+    """Raise :class:`RewardTimeoutError` in the body after ``seconds`` (SIGALRM: main thread only),
+    and again every second after that, so a function that swallows the first one still stops."""
+    if seconds is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise RewardTimeoutError(
+            f"{what} did not return within {seconds} s (data.reward_timeout_s); "
+            "make it faster or raise the limit."
+        )
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 # ----- combinations -------------------------------------------------------------------------------

@@ -49,7 +49,12 @@ from sdpo.policy_gradient import (
 )
 from sdpo.policy_model import PolicyModel, RolloutBatch, completion_id_lists, output_head
 from sdpo.reprompting import Reprompter, TeacherContext
-from sdpo.reward_model import RewardFunctionError, as_reward_model, call_reward_model
+from sdpo.reward_model import (
+    RewardFunctionError,
+    as_reward_model,
+    call_reward_model,
+    cap_feedback,
+)
 from sdpo.run_dir import RunDirectory
 from sdpo.self_distillation import importance_weights, policy_terms, self_distillation_loss
 from sdpo.teacher import Teacher, reference_weights
@@ -204,15 +209,17 @@ class SDPOTrainer:
         """Rewards and per-rollout feedback; the reward model is called as TRL calls reward
         functions (chat completions as assistant messages, ``completion_ids``, ``trainer_state``,
         ``log_metric``, ``log_extra``: :func:`sdpo.reward_model.call_reward_model`)."""
+        data = self.config.data
         outputs, log = call_reward_model(
             self.reward_model,
             rollouts.rows,
             rollouts.completions,
             completion_id_lists(rollouts.completion_ids, rollouts.completion_mask),
             trainer_state=self.trainer_state(),
+            timeout_s=data.reward_timeout_s,
         )
         rollouts.rewards = self._checked_rewards(outputs, rollouts)
-        rollouts.feedback = [o.feedback for o in outputs]
+        rollouts.feedback = [cap_feedback(o.feedback, data.max_feedback_chars) for o in outputs]
         rollouts.reward_info = [o.info for o in outputs]
         rollouts.reward_metrics = log.metric_means()
         n = len(rollouts)  # a column logged by several functions keeps the last one's values
