@@ -86,6 +86,7 @@ class ModelConfig:
     gradient_checkpointing: bool = _f(
         False,
         "Recompute the student backbone's activations in the backward pass (less memory, ~1/3 more compute).",
+        resumable=True,
     )
     attn_implementation: str = _f(
         "sdpa",
@@ -266,7 +267,10 @@ class OptimizationConfig:
         8, "Prompts B per step when the trainer builds the data loader itself.", min=1
     )
     micro_batch_size: int = _f(
-        8, "Completions per forward/backward pass (gradient accumulation over the rest).", min=1
+        8,
+        "Completions per forward/backward pass (gradient accumulation over the rest).",
+        min=1,
+        resumable=True,
     )
     updates_per_batch: int = _f(
         1,
