@@ -690,8 +690,9 @@ class SDPOTrainer:
 
     @contextlib.contextmanager
     def _holding_run_dir(self) -> Iterator[None]:
-        """Hold the run directory's lock (claiming it on first use); re-entrant."""
-        if self._run.claimed:
+        """Hold the run directory's lock (claiming it on first use); re-entrant. Only the main
+        process (rank 0) claims it: it is the one that writes the run's files."""
+        if self._run.claimed or not self.runtime.is_main:
             yield
             return
         own = self._owns_run_dir or (
