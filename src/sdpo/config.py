@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import string
 import types
@@ -393,11 +394,17 @@ SECTIONS: dict[str, type] = {
 }
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """``typing.get_type_hints`` once per class (it evaluates every annotation: slow)."""
+    return typing.get_type_hints(cls)
+
+
 def _leaf_keys(prefix: str, cls: type) -> list[str]:
     """Dotted keys of a section's fields, descending into sub-sections (``model.lora.r``)."""
     keys = []
     for f in dataclasses.fields(cls):
-        typ = typing.get_type_hints(cls)[f.name]
+        typ = _type_hints(cls)[f.name]
         if dataclasses.is_dataclass(typ):
             keys.extend(_leaf_keys(f"{prefix}.{f.name}", typ))
         else:
@@ -410,7 +417,7 @@ _SUBSECTIONS = {
     f"{s}.{f.name}"
     for s, c in SECTIONS.items()
     for f in dataclasses.fields(c)
-    if dataclasses.is_dataclass(typing.get_type_hints(c)[f.name])
+    if dataclasses.is_dataclass(_type_hints(c)[f.name])
 }
 
 
@@ -465,8 +472,7 @@ class SDPOConfig:
     @classmethod
     def keys(cls) -> list[str]:
         """Every valid dotted key, e.g. ``self_distillation.alpha``."""
-        top = [f.name for f in dataclasses.fields(cls) if f.name not in SECTIONS]
-        return top + [key for s, c in SECTIONS.items() for key in _leaf_keys(s, c)]
+        return list(_all_keys(cls))
 
     @classmethod
     def resolve_key(cls, key: str) -> str:
@@ -489,9 +495,9 @@ class SDPOConfig:
         owner: type = SDPOConfig
         *path, name = key.split(".")
         for part in path:  # a section, then nested sub-sections (model.lora)
-            owner = SECTIONS[part] if owner is SDPOConfig else typing.get_type_hints(owner)[part]
+            owner = SECTIONS[part] if owner is SDPOConfig else _type_hints(owner)[part]
         fld = next(f for f in dataclasses.fields(owner) if f.name == name)
-        return fld, typing.get_type_hints(owner)[name]
+        return fld, _type_hints(owner)[name]
 
     def get(self, key: str) -> Any:
         """Value of a (dotted or unique leaf) key."""
@@ -744,6 +750,12 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
         else:
             items.append((full, value))
     return items
+
+
+@functools.cache
+def _all_keys(cls: type) -> tuple[str, ...]:
+    top = [f.name for f in dataclasses.fields(cls) if f.name not in SECTIONS]
+    return tuple(top + [key for s, c in SECTIONS.items() for key in _leaf_keys(s, c)])
 
 
 _NONE_STRINGS = {"none", "null", "~", ""}
