@@ -279,7 +279,8 @@ def train(args: argparse.Namespace) -> int:
         print(f"sdpo: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
     train_rows, eval_rows, reward = build_data(config)
-    print(
+    say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)  # rank 0 speaks
+    say(
         f"sdpo: model {config.model_name}, task {config.data.task or config.data.train_file}, {config.run.max_steps} steps; run directory {config.run.output_dir}"
     )
     policy = PolicyModel(
@@ -304,8 +305,9 @@ def train(args: argparse.Namespace) -> int:
     for key in ("eval/accuracy_greedy", "eval/accuracy_sampled"):
         if key in final:
             before = f"{first[key]:.3f} -> " if key in first else ""
-            print(f"{key}: {before}{final[key]:.3f}")
-    print(f"Run directory: {trainer.run_dir.resolve()} (metrics.jsonl, samples.jsonl, checkpoints)")
+            say(f"{key}: {before}{final[key]:.3f}")
+    say(f"Run directory: {trainer.run_dir.resolve()} (metrics.jsonl, samples.jsonl, checkpoints)")
+    trainer.runtime.close()
     return 0
 
 

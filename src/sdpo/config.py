@@ -382,6 +382,26 @@ class HealthConfig:
     )
 
 
+@dataclass
+class DistributedConfig:
+    """Several processes (``torchrun`` / ``accelerate launch``): how they share the work."""
+
+    strategy: str = _f(
+        "none",
+        "none = one process; ddp = replicated weights, gradients summed; fsdp = FSDP2 shards "
+        "(weights, gradients, AdamW state, teachers) across processes.",
+        choices=("none", "ddp", "fsdp"),
+    )
+    fsdp_cpu_offload: bool = _f(
+        False, "fsdp only: keep the shards (and AdamW state) in CPU memory between uses."
+    )
+    timeout_s: float = _f(
+        600.0,
+        "A collective that waits longer than this (a rank died or hangs) stops the job.",
+        min_exclusive=0.0,
+    )
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "generation": GenerationConfig,
@@ -389,6 +409,7 @@ SECTIONS: dict[str, type] = {
     "policy_gradient": PolicyGradientConfig,
     "optimization": OptimizationConfig,
     "data": DataConfig,
+    "distributed": DistributedConfig,
     "run": RunConfig,
     "health": HealthConfig,
 }
@@ -435,6 +456,7 @@ class SDPOConfig:
     policy_gradient: PolicyGradientConfig = field(default_factory=PolicyGradientConfig)
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     run: RunConfig = field(default_factory=RunConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
 

@@ -17,13 +17,15 @@ One place owns every GPU/scale concern, so the trainer and the checkpoint code o
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import random
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from sdpo.config import SDPOConfig
@@ -47,20 +49,66 @@ def compute_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 class Runtime:
-    """Devices, precision and processes of one run (built by the trainer from its config)."""
+    """Devices, precision and processes of one run (built by the trainer from its config).
+
+    With ``WORLD_SIZE`` > 1 (set by ``torchrun`` / ``accelerate launch``) it joins the process
+    group (gloo on CPU, NCCL on CUDA; collectives time out after ``distributed.timeout_s``) and:
+
+    - ``ddp``: every rank holds the whole model; after the micro-batches, gradients are summed
+      across ranks (the loss normalizers are global sums, so the sum is the global gradient);
+    - ``fsdp``: FSDP2 (``fully_shard``) shards every transformer block of the student, the EMA
+      teacher and the reference copy the same way; the embeddings, final norm and LM head stay
+      replicated (the chunked LM head reads its weight directly) and are summed like ``ddp``.
+      Ranks run the same sequence of forward passes (prompt sharing off, a teacher pass on every
+      micro-batch), because every block's forward is a collective.
+    """
 
     def __init__(self, config: SDPOConfig, device: torch.device) -> None:
-        self.device = device
         self.config = config
-        self.compute_dtype = compute_dtype(config.model.dtype, device)
-        self.param_dtype = getattr(torch, config.model.param_dtype)
+        self.strategy = config.distributed.strategy
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
+        if self.world_size > 1 and self.strategy == "none":
+            raise RuntimeError(
+                f"This is rank {self.rank} of {self.world_size} processes (WORLD_SIZE is set by the "
+                "launcher) but distributed.strategy=none: every process would train its own copy "
+                "on the same prompts and write into the same run directory. Set "
+                "distributed.strategy=ddp or distributed.strategy=fsdp, or launch one process."
+            )
+        if self.world_size > 1 and device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        self.device = device
+        self._gathered = False
+        self.compute_dtype = compute_dtype(config.model.dtype, device)
+        self.param_dtype = getattr(torch, config.model.param_dtype)
+        if self.distributed:
+            per_step = config.optimization.prompts_per_step
+            if per_step % self.world_size:
+                raise ValueError(
+                    f"optimization.prompts_per_step={per_step} does not split over {self.world_size} "
+                    "processes (each takes whole groups); make it a multiple of the process count."
+                )
+            if not dist.is_initialized():
+                dist.init_process_group(
+                    backend="nccl" if device.type == "cuda" else "gloo",
+                    timeout=datetime.timedelta(seconds=config.distributed.timeout_s),
+                )
+
+    @property
+    def distributed(self) -> bool:
+        """True when several processes train together."""
+        return self.world_size > 1
 
     @property
     def is_main(self) -> bool:
         """True on the process that writes files and shows the progress bar (rank 0)."""
         return self.rank == 0
+
+    @property
+    def lockstep(self) -> bool:
+        """True when every forward pass is a collective (fsdp): ranks must run the same passes."""
+        return self.distributed and self.strategy == "fsdp"
 
     # ----- precision ------------------------------------------------------------------------
 
@@ -71,13 +119,13 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     def prepare_policy(self, model: torch.nn.Module) -> None:
-        """Weights in ``param_dtype`` (float32 master weights unless asked otherwise), the
-        attention kernel, and gradient checkpointing of the backbone."""
+        """Weights in ``param_dtype`` (float32 master weights unless asked otherwise) on this
+        rank's device, the attention kernel, and gradient checkpointing of the backbone."""
         if self.param_dtype != torch.float32:
             warnings.warn(
                 LOST_UPDATE_WARNING.format(dtype=self.config.model.param_dtype), stacklevel=3
             )
-        model.to(dtype=self.param_dtype)
+        model.to(device=self.device, dtype=self.param_dtype)
         impl = self.config.model.attn_implementation
         if getattr(model.config, "_attn_implementation", None) != impl:
             if impl == "flash_attention_2" and self.device.type != "cuda":
@@ -93,20 +141,197 @@ class Runtime:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def optimizer(self, params: list[Tensor], **kwargs: Any) -> torch.optim.Optimizer:
-        """AdamW: fused kernel on CUDA, one multi-tensor kernel per op (foreach) elsewhere."""
+        """AdamW: fused kernel on CUDA, one multi-tensor kernel per op (foreach) elsewhere.
+        Sharded (DTensor) and replicated parameters go in separate groups (one kernel each)."""
         impl = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
-        return torch.optim.AdamW(params, **kwargs, **impl)
+        groups = [g for g in _by_kind(params) if g]
+        return torch.optim.AdamW([{"params": g} for g in groups], **kwargs, **impl)
+
+    # ----- sharding -------------------------------------------------------------------------
+
+    def shard(self, *models: torch.nn.Module | None) -> None:
+        """fsdp: FSDP2-shard each model's transformer blocks (student, EMA teacher, reference
+        alike, so a teacher shard lines up with its student shard). Other strategies: nothing."""
+        if not self.lockstep:
+            return
+        from torch.distributed.fsdp import (
+            CPUOffloadPolicy,
+            MixedPrecisionPolicy,
+            OffloadPolicy,
+            fully_shard,
+        )
+
+        offload = (
+            CPUOffloadPolicy() if self.config.distributed.fsdp_cpu_offload else OffloadPolicy()
+        )
+        mp = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
+        for model in models:
+            if model is None:
+                continue
+            blocks = _blocks(model)
+            for block in blocks:
+                fully_shard(block, mp_policy=mp, offload_policy=offload)
+                block.set_gradient_divide_factor(1.0)  # sum, like the replicated part
+                block.set_force_sum_reduction_for_comms(True)  # gloo has no pre-scaled sum
+            # Each block is its own FSDP root, and a root keeps its full weights after a forward
+            # (for the backward). A pass without gradients (teachers, old log-probs) frees them.
+            model.get_decoder().register_forward_hook(self._free_after_no_grad_pass(blocks))
+
+    def _free_after_no_grad_pass(self, blocks: list[torch.nn.Module]) -> Any:
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            if not torch.is_grad_enabled() and not self._gathered:
+                for block in blocks:
+                    block.reshard()
+
+        return hook
+
+    @contextlib.contextmanager
+    def gathered(self, *models: torch.nn.Module) -> Iterator[None]:
+        """fsdp: every block's full weights held for the duration (sampling runs a data-dependent
+        number of forwards per rank, which must not be collectives). Elsewhere: nothing."""
+        blocks = [b for m in models for b in _blocks(m) if hasattr(b, "unshard")]
+        if not self.lockstep or not blocks:
+            yield
+            return
+        for block in blocks:
+            block.set_reshard_after_forward(False)
+            block.unshard()
+        self._gathered = True
+        try:
+            yield
+        finally:
+            self._gathered = False
+            for block in blocks:
+                block.reshard()
+                block.set_reshard_after_forward(True)
+
+    # ----- cross-process sums ---------------------------------------------------------------
+
+    def share(self, rows: Sequence[Any]) -> list[Any]:
+        """This rank's contiguous share of a step's prompts (whole groups per rank)."""
+        n = len(rows) // self.world_size
+        return list(rows[self.rank * n : (self.rank + 1) * n])
+
+    def all_reduce(self, values: dict[str, float], op: str = "sum") -> dict[str, float]:
+        """``values`` summed (``sum``), max-ed (``max``) or averaged (``mean``) over ranks;
+        unchanged with one process. Every rank must pass the same keys."""
+        if not self.distributed or not values:
+            return dict(values)
+        keys = sorted(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+        t = t.to(self._comm_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        if op == "mean":
+            t = t / self.world_size
+        return dict(zip(keys, t.cpu().tolist(), strict=True))
+
+    def reduce_sums(self, values: dict[str, float]) -> dict[str, float]:
+        """Per-step metric sums over ranks: ``*_max`` keys by max, ``*_min`` by min, others summed."""
+        if not self.distributed:
+            return dict(values)
+        maxes = {k: v for k, v in values.items() if k.endswith("_max")}
+        mins = {k: -v for k, v in values.items() if k.endswith("_min")}
+        out = self.all_reduce({k: v for k, v in values.items() if k not in maxes and k not in mins})
+        out.update(self.all_reduce(maxes, op="max"))
+        out.update({k: -v for k, v in self.all_reduce(mins, op="max").items()})
+        return out
+
+    def gather_cat(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        """Each tensor concatenated over ranks (rank order) along dim 0, on this rank's device."""
+        if not self.distributed:
+            return tensors
+        parts = self.all_gather([t.detach().cpu() for t in tensors])
+        return tuple(torch.cat([p[i] for p in parts]).to(t.device) for i, t in enumerate(tensors))
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def sync_gradients(self, params: Sequence[Tensor]) -> None:
+        """Sum the replicated parameters' gradients over ranks (sharded ones FSDP has summed).
+
+        A rank whose loss did not reach a parameter contributes zeros to its sum."""
+        if not self.distributed:
+            return
+        plain = [p for p in params if p.requires_grad and not _is_sharded(p)]
+        for p in plain:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        for group in _by_dtype([p.grad for p in plain]):
+            flat = torch.cat([g.reshape(-1) for g in group])
+            dist.all_reduce(flat)
+            offset = 0
+            for g in group:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+    def own_share(self, objects: dict[str, Any], keys: Sequence[str], path: Any) -> dict[str, Any]:
+        """``objects`` with each of ``keys`` (a list by rank, from a checkpoint) replaced by this
+        rank's entry; a checkpoint of another world size is refused."""
+        out = dict(objects)
+        for key in keys:
+            if key not in out:
+                continue
+            if not isinstance(out[key], list) or len(out[key]) != self.world_size:
+                n = len(out[key]) if isinstance(out[key], list) else 1
+                raise ValueError(
+                    f"Checkpoint {path} was written by {n} process(es); resume it with the same "
+                    f"number (this launch has {self.world_size})."
+                )
+            out[key] = out[key][self.rank]
+        return out
+
+    def full_state_dict(self, model: torch.nn.Module) -> dict[str, Tensor]:
+        """``model``'s whole state on CPU (shards gathered: a collective under fsdp)."""
+        if not self.lockstep:
+            return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        options = StateDictOptions(
+            full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False
+        )
+        return get_model_state_dict(model, options=options)
+
+    @property
+    def _comm_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
 
     # ----- gradients ------------------------------------------------------------------------
 
     def clip_grad_norm_(self, params: list[Tensor], max_norm: float | None) -> float:
-        """Global L2 norm of the gradients; scaled down to ``max_norm`` when larger (None: no clip)."""
+        """Global L2 norm of the gradients; scaled down to ``max_norm`` when larger (None: no clip).
+
+        Sharded gradients contribute their shards' squares summed over ranks; replicated ones
+        (equal on every rank after :meth:`sync_gradients`) count once."""
         grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return 0.0
-        if max_norm is None:
-            return float(torch.nn.utils.get_total_norm(grads))
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if not self.lockstep:
+            if not grads:
+                return 0.0
+            if max_norm is None:
+                return float(torch.nn.utils.get_total_norm(grads))
+            return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        sharded = [g.to_local() for g in grads if _is_sharded(g)]
+        plain = [g for g in grads if not _is_sharded(g)]
+        sq = torch.zeros((), dtype=torch.float64, device=self._comm_device)
+        for g in sharded:
+            sq += g.detach().double().pow(2).sum().to(sq.device)
+        dist.all_reduce(sq)
+        for g in plain:
+            sq += g.detach().double().pow(2).sum().to(sq.device)
+        norm = float(sq.sqrt())
+        if max_norm is not None and grads:
+            scale = min(max_norm / (norm + 1e-6), 1.0)
+            if scale < 1.0:
+                for g in sharded + plain:
+                    g.mul_(scale)
+        return norm
 
     # ----- random streams -------------------------------------------------------------------
 
@@ -116,7 +341,50 @@ class Runtime:
         random.seed(stream)
         torch.manual_seed(stream)
 
-    @contextlib.contextmanager
-    def main_first(self) -> Iterator[None]:
-        """Placeholder for ordering file writes across ranks (one process: nothing to order)."""
-        yield
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def close(self) -> None:
+        """Leave the process group (when this runtime joined it)."""
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _is_sharded(t: Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _by_kind(params: Sequence[Tensor]) -> list[list[Tensor]]:
+    """``[sharded, replicated]``: foreach/fused kernels take one kind per call."""
+    return [[p for p in params if _is_sharded(p)], [p for p in params if not _is_sharded(p)]]
+
+
+def _by_dtype(tensors: Sequence[Tensor]) -> list[list[Tensor]]:
+    groups: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t)
+    return list(groups.values())
+
+
+def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks (``model._no_split_modules`` classes) of a Hugging Face model."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    blocks = blocks or [m for m in model.modules() if type(m).__name__.startswith("FSDP")]
+    if not blocks:
+        raise ValueError(
+            f"{type(model).__name__} names no transformer blocks (_no_split_modules); "
+            "distributed.strategy=fsdp cannot shard it. Use distributed.strategy=ddp."
+        )
+    return blocks
+
+
+def lerp_(targets: Sequence[Tensor], sources: Sequence[Tensor], weight: float) -> None:
+    """``t ← t + weight·(s − t)`` for each pair, shard by shard (no gather for DTensors)."""
+    for kind in (True, False):
+        pairs = [(t, s) for t, s in zip(targets, sources, strict=True) if _is_sharded(t) == kind]
+        if pairs:
+            torch._foreach_lerp_([t for t, _ in pairs], [s.detach() for _, s in pairs], weight)

@@ -89,6 +89,8 @@ class PolicyModel:
             raise ValueError("PolicyModel(model=...) also needs tokenizer=...")
         self.name = model_name_or_path or getattr(model.config, "_name_or_path", "") or "model"
         self.device = torch.device(device) if device is not None else _default_device()
+        # False when every forward must be the same on all ranks (fsdp; see sdpo.distributed).
+        self.share_prompts = True
         model.to(device=self.device, dtype=_resolve_dtype(dtype, self.device))
         self.model = model
         self.tokenizer = tokenizer
@@ -207,7 +209,7 @@ class PolicyModel:
         completion_mask: Tensor,
         model: PreTrainedModel | None = None,
         *,
-        share_prompts: bool = True,
+        share_prompts: bool | None = None,
     ) -> Tensor:
         """Hidden states that predict each completion token: ``[n, L, H]``.
 
@@ -223,6 +225,7 @@ class PolicyModel:
         checkpointing (training mode, gradients on) every row runs the single pass.
         """
         model = unwrap(self.model if model is None else model)
+        share_prompts = self.share_prompts if share_prompts is None else share_prompts
         backbone = model.base_model
         cache_arg = _cache_kwarg(backbone)
         # Checkpointed layers drop the KV cache while recording a backward (transformers' rule),

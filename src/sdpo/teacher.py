@@ -28,6 +28,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from sdpo import lora
+from sdpo.distributed import lerp_
 from sdpo.policy_model import PolicyModel, output_head
 
 TEACHER_KINDS = ("ema", "frozen", "live", "trust_region")
@@ -157,8 +158,8 @@ class Teacher:
         teacher, student = self._ema_pairs
         if self.policy.is_lora:
             lora.ema_update(teacher, student, self.rate)
-        else:
-            torch._foreach_lerp_(teacher, [p.detach() for p in student], self.rate)
+        else:  # the copy's own parameters: FSDP may have replaced them with shards since
+            lerp_(list(self.copy.parameters()), list(self.policy.model.parameters()), self.rate)
 
     def state_dict(self) -> dict[str, Tensor]:
         """What a checkpoint must hold to restore this teacher (the EMA weights or adapter)."""

@@ -57,6 +57,7 @@ from sdpo.reward_model import (
 )
 from sdpo.run_dir import RunDirectory
 from sdpo.self_distillation import importance_weights, policy_terms, self_distillation_loss
+from sdpo.sharded_checkpoint import load_sharded, save_sharded
 from sdpo.teacher import Teacher, reference_weights
 from sdpo.tracking import ExperimentTracker, check_trackers
 
@@ -116,6 +117,9 @@ class SDPOTrainer:
         self.reference = reference_weights(policy_model) if needs_reference else None
         self.teacher = Teacher(sd.teacher, policy_model, sd.teacher_update_rate, self.reference)
         self.reprompter = Reprompter(sd, tokenizer=policy_model.tokenizer, seed=run.seed)
+        self.runtime.shard(policy_model.model, self.teacher.copy, _module(self.reference))
+        policy_model.device = self.runtime.device
+        policy_model.share_prompts = not self.runtime.lockstep
         self.optimizer, self.scheduler = self._build_optimizer()
         self.generator = generation_backend or build_backend(
             config.generation,
@@ -128,6 +132,7 @@ class SDPOTrainer:
         check_trackers(run.report_to)  # a missing tracker package fails here, not after loading
         self.tracker: ExperimentTracker | None = None
 
+        run.output_dir = self.runtime.all_gather(run.output_dir)[0]  # rank 0's (a timestamp)
         self.run_dir = Path(run.output_dir)
         if any(ckpt.is_checkpoint(p) for p in (self.run_dir, *self.run_dir.resolve().parents)):
             raise ValueError(
@@ -151,7 +156,7 @@ class SDPOTrainer:
     def step(self) -> dict[str, float]:
         """One SDPO step (SPEC §2); returns its metrics."""
         t0 = time.perf_counter()
-        rows = self.train_data.next_batch()
+        rows = self.runtime.share(self.train_data.next_batch())
         rollouts = self.generate(rows)
         if rollouts is None:
             self.global_step += 1
@@ -163,7 +168,8 @@ class SDPOTrainer:
         self.global_step += 1
         metrics.update(self._rollout_metrics(rollouts))
         metrics.update(rollouts.reward_metrics)
-        metrics.update({f"self_distillation/{k}": v for k, v in self.reprompter.last_stats.items()})
+        stats = self.runtime.all_reduce(self.reprompter.last_stats, op="mean")
+        metrics.update({f"self_distillation/{k}": v for k, v in stats.items()})
         metrics["step_time"] = time.perf_counter() - t0
         metrics["generation_time"] = t_gen - t0
         metrics["lr"] = self.scheduler.get_last_lr()[0]
@@ -184,13 +190,18 @@ class SDPOTrainer:
                 continue
             encoded.append(ids)
             kept.append(row)
+        if len(kept) < len(rows) and self.runtime.lockstep:
+            raise ValueError(
+                "A prompt is longer than model.max_prompt_length; under distributed.strategy=fsdp "
+                "it cannot be skipped (ranks run in step). Filter the data or raise the limit."
+            )
         if not kept:
             warnings.warn(
                 "Every prompt of this batch is longer than model.max_prompt_length; step skipped.",
                 stacklevel=2,
             )
             return None
-        with self.runtime.autocast():
+        with self.runtime.autocast(), self.runtime.gathered(self.policy.model):
             out = self.generator.generate(encoded, g, greedy=greedy)
         expanded = [row for row in kept for _ in range(g)]
         return RolloutBatch(
@@ -210,14 +221,23 @@ class SDPOTrainer:
         functions (chat completions as assistant messages, ``completion_ids``, ``trainer_state``,
         ``log_metric``, ``log_extra``: :func:`sdpo.reward_model.call_reward_model`)."""
         data = self.config.data
-        outputs, log = call_reward_model(
-            self.reward_model,
-            rollouts.rows,
-            rollouts.completions,
-            completion_id_lists(rollouts.completion_ids, rollouts.completion_mask),
-            trainer_state=self.trainer_state(),
-            timeout_s=data.reward_timeout_s,
-        )
+        try:
+            outputs, log = call_reward_model(
+                self.reward_model,
+                rollouts.rows,
+                rollouts.completions,
+                completion_id_lists(rollouts.completion_ids, rollouts.completion_mask),
+                trainer_state=self.trainer_state(),
+                timeout_s=data.reward_timeout_s,
+            )
+        except Exception as exc:
+            if not self.runtime.distributed:
+                raise
+            raise RuntimeError(  # the other ranks only see this one exit: say who and where
+                f"Reward model {self.reward_model.name!r} raised on rank {self.runtime.rank} at step "
+                f"{self.global_step + 1} scoring {len(rollouts)} completions (first prompt "
+                f"{rollouts.prompts[0]!r:.80}, completion {rollouts.completions[0]!r:.80}): {exc!r}"
+            ) from exc
         rollouts.rewards = self._checked_rewards(outputs, rollouts)
         rollouts.feedback = [cap_feedback(o.feedback, data.max_feedback_chars) for o in outputs]
         rollouts.reward_info = [o.info for o in outputs]
@@ -255,9 +275,11 @@ class SDPOTrainer:
         for _ in range(self.config.optimization.updates_per_batch):
             self.optimizer.zero_grad(set_to_none=True)
             sums = self.accumulate_gradients(rollouts, prepared)
-            if sums is None:
+            if self.runtime.all_reduce({"bad": float(sums is None)})["bad"]:
                 self._skip_nonfinite_step("loss")
                 return {"loss": float("nan")}
+            self.runtime.sync_gradients(list(self.policy.model.parameters()))
+            sums = self.runtime.reduce_sums(sums)
             grad_norm = self._clip_gradients()
             if not math.isfinite(grad_norm):  # a finite loss can still have a NaN/inf gradient
                 self._skip_nonfinite_step("gradient norm")
@@ -282,13 +304,15 @@ class SDPOTrainer:
         ).to(device)
         has_teacher = torch.tensor([c is not None for c in contexts], device=device)
         mask = rollouts.completion_mask
-        counts = {
-            "num_tokens": float(mask.sum()),
-            "num_sequences": float(len(rollouts)),
-            "num_distilled": float(mask[has_teacher].sum()),
-            # Dr. GRPO's constant: the generation budget, not this batch's longest completion.
-            "max_completion_length": self.config.generation.max_new_tokens,
-        }
+        counts = self.runtime.all_reduce(  # over every rank: the global batch's counts
+            {
+                "num_tokens": float(mask.sum()),
+                "num_sequences": float(len(rollouts)),
+                "num_distilled": float(mask[has_teacher].sum()),
+            }
+        )
+        # Dr. GRPO's constant: the generation budget, not this batch's longest completion.
+        counts["max_completion_length"] = self.config.generation.max_new_tokens
         reuse = self.config.optimization.updates_per_batch > 1
         return {
             "advantages": advantages,
@@ -302,6 +326,7 @@ class SDPOTrainer:
     ) -> dict[str, float] | None:
         """Backward of the step's loss, micro-batch by micro-batch; None if the loss was non-finite."""
         sums: dict[str, float] = {}
+        finite = True
         for idx in torch.arange(len(rollouts)).split(self.config.optimization.micro_batch_size):
             with self.runtime.autocast():
                 loss, parts = self._micro_batch_loss(
@@ -313,13 +338,15 @@ class SDPOTrainer:
                     prepared["counts"],
                 )
             if not torch.isfinite(loss):
-                return None
+                if not self.runtime.lockstep:
+                    return None
+                finite = False  # fsdp: keep the passes in step; the update is skipped after
             if loss.requires_grad:  # no term had a signal (e.g. pure SDPO, no teacher context)
                 loss.backward()
             for k, v in parts.items():
                 combine = max if k.endswith("_max") else min if k.endswith("_min") else operator.add
                 sums[k] = combine(sums[k], v) if k in sums else v
-        return sums
+        return sums if finite else None
 
     # ----- loss pieces ------------------------------------------------------------------------
 
@@ -344,6 +371,8 @@ class SDPOTrainer:
         distilled_rows = [j for j, i in enumerate(idx.tolist()) if i in teacher_prompts]
         teacher_hidden = teacher_weight = teacher_bias = None
         distill_mask = torch.zeros_like(mask)
+        if not distilled_rows and sd.distillation_weight > 0 and self.runtime.lockstep:
+            self.teacher.hidden(*self._lockstep_dummy(rollouts, idx))  # same passes on every rank
         if distilled_rows and sd.distillation_weight > 0:
             sub = torch.tensor(distilled_rows, device=mask.device)
             t_ids, t_mask = self.policy.pad_left(
@@ -376,6 +405,8 @@ class SDPOTrainer:
         logprobs = _unflatten(terms["logprobs"], mask)
         old = logprobs.detach() if old_logprobs is None else old_logprobs[idx]
         loss = logprobs.new_zeros(())
+        if self.runtime.lockstep:  # every rank runs a backward through every block
+            loss = loss + 0.0 * hidden.sum()
         parts: dict[str, float] = {"entropy_sum": float(terms["entropy"].sum())}
         # Train/inference mismatch: the sampler's log-probs against the trainer's, same weights.
         mismatch = None
@@ -504,6 +535,16 @@ class SDPOTrainer:
             out[idx] = _unflatten(lp, mask).float()
         return out
 
+    def _lockstep_dummy(self, rollouts: RolloutBatch, idx: Tensor) -> tuple[Tensor, ...]:
+        """One row's (prompt, completion) for a teacher pass whose result is not used."""
+        one = idx[:1]
+        return (
+            rollouts.prompt_ids[one],
+            rollouts.prompt_mask[one],
+            rollouts.completion_ids[one],
+            rollouts.completion_mask[one],
+        )
+
     def _teacher_prompt_ids(self, contexts: list[TeacherContext | None]) -> dict[int, list[int]]:
         return {
             i: self.policy.encode_prompt(c.prompt) for i, c in enumerate(contexts) if c is not None
@@ -531,9 +572,12 @@ class SDPOTrainer:
             )
 
     def _rollout_metrics(self, rollouts: RolloutBatch) -> dict[str, float]:
-        r = rollouts.rewards
+        r, lengths, unfinished = self.runtime.gather_cat(  # the global batch's rollouts
+            rollouts.rewards,
+            rollouts.completion_mask.sum(-1).float(),
+            ~(rollouts.completion_ids == self.policy.eos_token_id).any(-1),
+        )
         groups = r.view(-1, self.config.num_samples_per_prompt)
-        lengths = rollouts.completion_mask.sum(-1).float()
         return {
             "reward": float(r.mean()),
             "reward_std": float(r.std()) if len(r) > 1 else 0.0,
@@ -541,9 +585,7 @@ class SDPOTrainer:
             if groups.shape[1] > 1
             else 1.0,
             "completions/mean_length": float(lengths.mean()),
-            "completions/clipped_fraction": float(
-                (~(rollouts.completion_ids == self.policy.eos_token_id).any(-1)).float().mean()
-            ),
+            "completions/clipped_fraction": float(unfinished.float().mean()),
             "accuracy": float(
                 (r >= self.config.self_distillation.success_reward_threshold).float().mean()
             ),
@@ -574,7 +616,8 @@ class SDPOTrainer:
         if not self.eval_rows:
             return {}
         cfg = self.config
-        with self.runtime.autocast():
+        # Every rank evaluates the whole set on the same seeded stream (equal results); rank 0 writes.
+        with self.runtime.autocast(), self.runtime.gathered(self.policy.model):
             result = evaluate_policy(
                 self.policy,
                 self.reward_model,
@@ -628,7 +671,7 @@ class SDPOTrainer:
 
     def _loop(self) -> None:
         run = self.config.run
-        bar = _progress(run, self.global_step)
+        bar = _progress(run, self.global_step) if self.runtime.is_main else None
         try:
             while self.global_step < run.max_steps and not self._stop_requested:
                 metrics = self.step()
@@ -787,24 +830,31 @@ class SDPOTrainer:
             "nonfinite_in_row": self._nonfinite_in_row,
             "teacher": self.teacher.kind,
         }
-        objects = {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": ckpt.rng_state(),
-        }
+        rng = {"rng": ckpt.rng_state()}
         if hasattr(self.reprompter, "rng"):
-            objects["reprompter_rng"] = self.reprompter.rng.getstate()
-        with self._holding_run_dir():
-            path = ckpt.save_checkpoint(
-                self.run_dir,
-                self.global_step,
-                policy=self.policy,
-                modules=self._checkpoint_modules(),
-                objects=objects,
-                trainer_state=state,
-                config=self.config,
-                keep=self.config.run.save_total_limit,
+            rng["reprompter_rng"] = self.reprompter.rng.getstate()
+        if self.runtime.distributed:  # every rank's streams, as a list by rank
+            ranks = self.runtime.all_gather(rng)
+            rng = {k: [r[k] for r in ranks] for k in rng}
+        objects = {"scheduler": self.scheduler.state_dict(), **rng}
+        args = dict(
+            policy=self.policy,
+            modules=self._checkpoint_modules(),
+            objects=objects,
+            trainer_state=state,
+            config=self.config,
+            keep=self.config.run.save_total_limit,
+        )
+        path = self.run_dir / f"checkpoint-{self.global_step:06d}"
+        if self.runtime.lockstep:
+            path = save_sharded(
+                self.runtime, self.run_dir, self.global_step, optimizer=self.optimizer, **args
             )
+        elif self.runtime.is_main:  # one process, or ddp (equal replicas): rank 0 writes
+            objects["optimizer"] = self.optimizer.state_dict()
+            with self._holding_run_dir():
+                path = ckpt.save_checkpoint(self.run_dir, self.global_step, **args)
+        self.runtime.barrier()
         self._saved_step = self.global_step
         return path
 
@@ -816,17 +866,28 @@ class SDPOTrainer:
         """
         path = ckpt.resolve_checkpoint(path)
         self._check_resumable(path)
-        state, objects = ckpt.load_checkpoint(
-            path, policy=self.policy, modules=self._checkpoint_modules()
-        )
+        if self.runtime.lockstep:
+            state, objects = load_sharded(
+                self.runtime,
+                path,
+                policy=self.policy,
+                modules=self._checkpoint_modules(),
+                optimizer=self.optimizer,
+            )
+        else:
+            state, objects = ckpt.load_checkpoint(
+                path, policy=self.policy, modules=self._checkpoint_modules()
+            )
+            self.optimizer.load_state_dict(objects["optimizer"])
+        if self.runtime.distributed:
+            objects = self.runtime.own_share(objects, ("rng", "reprompter_rng"), path)
         if state.get("teacher", self.teacher.kind) != self.teacher.kind:
             raise ValueError(
                 f"Checkpoint {path} was written with teacher {state['teacher']!r}, this run uses {self.teacher.kind!r}."
             )
-        for name in ("optimizer", "scheduler", "rng"):
+        for name in ("scheduler", "rng"):
             if name not in objects:
                 raise ckpt.CheckpointError(f"Checkpoint {path} has no {name}.pt.")
-        self.optimizer.load_state_dict(objects["optimizer"])
         self.scheduler.load_state_dict(objects["scheduler"])
         self._apply_learning_rate()
         ckpt.set_rng_state(objects["rng"])
@@ -905,6 +966,11 @@ def lr_schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:
         return 1.0
 
     return factor
+
+
+def _module(weights: Any) -> torch.nn.Module | None:
+    """The model a :class:`~sdpo.teacher.Weights` owns (a frozen copy), if any."""
+    return getattr(weights, "module", None)
 
 
 def _unflatten(values: Tensor, mask: Tensor) -> Tensor:
