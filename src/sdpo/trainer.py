@@ -33,6 +33,7 @@ from sdpo.config import SDPOConfig
 from sdpo.data import PromptSource, load_rows
 from sdpo.distributed import Runtime
 from sdpo.evaluation import evaluate_policy
+from sdpo.export import model_card, save_pretrained_dir
 from sdpo.generation import (
     GenerationBackend,
     build_backend,
@@ -663,6 +664,11 @@ class SDPOTrainer:
                 self._finish_tracking()
                 return self.last_eval
             self.last_eval = self.evaluate()
+            final = self.save_model()
+            if self.runtime.is_main:
+                print(
+                    f"Final model: {final.resolve()} (from_pretrained-loadable, with a model card)"
+                )
             self._finish_tracking()
         for cb in self.callbacks:
             if hasattr(cb, "on_train_end"):
@@ -805,6 +811,20 @@ class SDPOTrainer:
             records.append(record)
         if self.tracker is not None:
             self.tracker.log_samples(records, self.global_step)
+
+    def save_model(self, output_dir: str | Path | None = None) -> Path:
+        """Write the policy as a Hugging Face directory (default ``{run_dir}/final``): weights,
+        config, tokenizer, generation config and a model card with the config and evals."""
+        out = Path(output_dir) if output_dir is not None else self.run_dir / "final"
+        if self.runtime.is_main:
+            card = model_card(
+                self.config,
+                self.global_step,
+                getattr(self, "first_eval", {}),
+                getattr(self, "last_eval", {}),
+            )
+            save_pretrained_dir(self.policy, out, self.config.generation, card)
+        return out
 
     def _checkpoint_modules(self) -> dict[str, torch.nn.Module]:
         modules = {}
