@@ -66,3 +66,48 @@ def test_config_with_resume_is_used_not_ignored(tmp_path):
 def test_a_directory_as_config_is_a_clear_error(tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path)]) == 2
     assert f"sdpo: {tmp_path} is a directory" in capsys.readouterr().err
+
+
+def _one_clean_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("sdpo: ")
+    return err
+
+
+def test_missing_model_path_is_one_clean_line(capsys, tmp_path):
+    assert main(["train", f"model_name={tmp_path}/nope", "run.progress_bar=false"]) == 2
+    assert "does not exist" in _one_clean_line(capsys)
+    assert main(["train", "model_name=someone/not-cached", "run.progress_bar=false"]) == 2
+    assert "not in the Hugging Face cache" in _one_clean_line(capsys)
+
+
+def test_missing_data_file_is_reported_before_the_model_loads(capsys, tmp_path, monkeypatch):
+    import sdpo.policy_model
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data file was checked")
+
+    monkeypatch.setattr(sdpo.policy_model, "_load", no_loading)
+    argv = ["train", "data.task=none", f"data.train_file={tmp_path}/missing.jsonl"]
+    assert main([*argv, "data.reward=math", "model_name=demo"]) == 2
+    assert "data.train_file" in _one_clean_line(capsys)
+
+
+@pytest.mark.parametrize(
+    ("argv", "hint"),
+    [
+        (["lr=1e-4"], "optimization.learning_rate"),
+        (["--learning_rate", "1e-5"], "key=value: optimization.learning_rate=VALUE"),
+        (["--learning_rate=1e-5"], "optimization.learning_rate=1e-5"),
+        (["--gradient_checkpointing"], "model.gradient_checkpointing=VALUE"),
+        (["use_vllm=true"], "no vLLM backend yet"),
+        (["report_to=wandb"], "metrics.jsonl"),
+        (["beta=0.1"], "policy_gradient.kl_penalty_weight"),
+        (["num_generations=8"], "num_samples_per_prompt"),
+        (["max_completion_length=64"], "generation.max_new_tokens"),
+    ],
+)
+def test_trl_keys_point_at_sdpo_keys(argv, hint, capsys):
+    assert main(["train", *argv]) == 2
+    assert hint in _one_clean_line(capsys)

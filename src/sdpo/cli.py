@@ -267,6 +267,17 @@ def build_data(config: SDPOConfig) -> tuple[Any, Any, Any]:
     return data.train_file, data.eval_file, load_reward(data.reward)
 
 
+def check_inputs(config: SDPOConfig) -> None:
+    """Fail fast, before anything heavy loads: the data files and the model must exist."""
+    from sdpo.policy_model import check_model_source
+
+    for key in ("data.train_file", "data.eval_file"):
+        path = config.get(key)
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{key}: {path} does not exist (or is not a file).")
+    check_model_source(config.model_name)
+
+
 def train(args: argparse.Namespace) -> int:
     from sdpo.checkpoint import CheckpointError
     from sdpo.policy_model import PolicyModel
@@ -275,21 +286,18 @@ def train(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args)
-    except (KeyError, ValueError, FileNotFoundError) as exc:
-        print(f"sdpo: {exc.args[0] if exc.args else exc}", file=sys.stderr)
-        return 2
-    train_rows, eval_rows, reward = build_data(config)
-    say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)  # rank 0 speaks
-    say(
-        f"sdpo: model {config.model_name}, task {config.data.task or config.data.train_file}, {config.run.max_steps} steps; run directory {config.run.output_dir}"
-    )
-    policy = PolicyModel(
-        config.model_name,
-        device=config.model.device,
-        dtype=config.model.param_dtype,
-        trust_remote_code=config.model.trust_remote_code,
-    )
-    try:
+        train_rows, eval_rows, reward = build_data(config)
+        check_inputs(config)
+        say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)  # rank 0
+        say(
+            f"sdpo: model {config.model_name}, task {config.data.task or config.data.train_file}, {config.run.max_steps} steps; run directory {config.run.output_dir}"
+        )
+        policy = PolicyModel(
+            config.model_name,
+            device=config.model.device,
+            dtype=config.model.param_dtype,
+            trust_remote_code=config.model.trust_remote_code,
+        )
         trainer = SDPOTrainer(
             config=config,
             policy_model=policy,
@@ -297,6 +305,13 @@ def train(args: argparse.Namespace) -> int:
             train_dataloader=train_rows,
             eval_dataloader=eval_rows,
         )
+    except (CheckpointError, RunDirectoryError) as exc:  # a refused directory or checkpoint
+        print(f"sdpo: {exc}", file=sys.stderr)
+        return 2
+    except (KeyError, ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"sdpo: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    try:
         final = trainer.train()
     except (CheckpointError, RunDirectoryError) as exc:  # a refused directory or checkpoint
         print(f"sdpo: {exc}", file=sys.stderr)
@@ -464,9 +479,27 @@ def plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def unknown_option_hint(option: str) -> str:
+    """What to write instead of an unknown ``--option`` (TRL users type config keys as flags)."""
+    name, _, value = option.lstrip("-").partition("=")
+    if not option.startswith("-"):
+        return f"unexpected argument {option!r}; config keys are given as key=value."
+    try:
+        key = SDPOConfig.resolve_key(name)
+    except KeyError as exc:
+        return f"{option} is not an option. {exc.args[0]}"
+    return (
+        f"{option} is not an option; config keys are given as key=value: {key}={value or 'VALUE'}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        print(f"sdpo: {unknown_option_hint(unknown[0])}", file=sys.stderr)
+        return 2
     if args.command == "train":
         return train(args)
     if args.command == "eval":

@@ -506,6 +506,8 @@ class SDPOConfig:
             owners = [k for k in valid if k.split(".")[-1] == key]
             if len(owners) == 1:
                 return owners[0]
+        if key.split(".")[-1] in TRL_KEY_HINTS:
+            raise KeyError(f"Unknown config key {key!r}: {TRL_KEY_HINTS[key.split('.')[-1]]}")
         leaves = {k.split(".")[-1] for k in valid}
         close = difflib.get_close_matches(key, valid + sorted(leaves - set(valid)), n=3, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
@@ -836,6 +838,23 @@ def _convert(key: str, value: Any, typ: Any) -> Any:
         return value
     return value
 
+
+# Keys TRL users type (GRPOConfig / SDPOConfig names) that sdpo names differently or lacks.
+TRL_KEY_HINTS: dict[str, str] = {
+    "lr": "the learning rate is optimization.learning_rate.",
+    "beta": "TRL's beta (the reference-KL coefficient) is policy_gradient.kl_penalty_weight; "
+    "the EMA teacher's rate is self_distillation.teacher_update_rate.",
+    "num_generations": "the group size G is num_samples_per_prompt.",
+    "max_completion_length": "the completion length is generation.max_new_tokens.",
+    "per_device_train_batch_size": "sdpo counts prompts per step: optimization.prompts_per_step "
+    "(completions = prompts x num_samples_per_prompt; optimization.micro_batch_size per pass).",
+    "num_train_epochs": "sdpo counts steps: run.max_steps (one step = one generated batch).",
+    "epsilon": "the ratio clip is policy_gradient.clip_eps_low / policy_gradient.clip_eps_high.",
+    "bf16": "set model.dtype=bfloat16.",
+    "use_vllm": "sdpo has no vLLM backend yet; it generates with its own KV-cache sampler.",
+    "report_to": "sdpo has no tracker integration yet; metrics go to metrics.jsonl in the run "
+    "directory (samples to samples.jsonl).",
+}
 
 # Presets: overrides of the seed defaults. `paper` = SPEC section 7's official-run values.
 PRESETS: dict[str, dict[str, Any]] = {

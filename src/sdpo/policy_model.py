@@ -508,6 +508,30 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
     return getattr(torch, dtype)
 
 
+def check_model_source(name: str) -> None:
+    """Raise ``FileNotFoundError`` when ``name`` is neither ``demo``, a local model directory, nor
+    (with ``HF_HUB_OFFLINE=1``) in the Hugging Face cache. Cheap: reads no weights."""
+    if name == "demo":
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"Model directory {name!r} has no config.json; give a directory written by save_pretrained."
+            )
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"Model path {name!r} does not exist.")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            raise FileNotFoundError(
+                f"Model {name!r} is not a local directory and not in the Hugging Face cache "
+                "(HF_HUB_OFFLINE=1 is set). Give a local directory, or model_name=demo."
+            )
+
+
 def _load(name: str, trust_remote_code: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if name == "demo":
         from sdpo.demo import load_demo_model
