@@ -851,9 +851,7 @@ TRL_KEY_HINTS: dict[str, str] = {
     "num_train_epochs": "sdpo counts steps: run.max_steps (one step = one generated batch).",
     "epsilon": "the ratio clip is policy_gradient.clip_eps_low / policy_gradient.clip_eps_high.",
     "bf16": "set model.dtype=bfloat16.",
-    "use_vllm": "sdpo has no vLLM backend yet; it generates with its own KV-cache sampler.",
-    "report_to": "sdpo has no tracker integration yet; metrics go to metrics.jsonl in the run "
-    "directory (samples to samples.jsonl).",
+    "use_vllm": "vLLM is a generation backend: generation.backend=vllm.",
 }
 
 # Presets: overrides of the seed defaults. `paper` = SPEC section 7's official-run values.
