@@ -133,65 +133,68 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+def mean_curve(runs: list[dict], key: str = "sampled") -> list[tuple[int, float]]:
+    """(generations, accuracy averaged over seeds) at every evaluation all seeds share."""
+    n = min(len(r["evals"]) for r in runs)
+    return [
+        (runs[0]["evals"][i]["generations"], statistics.fmean(r["evals"][i][key] for r in runs))
+        for i in range(n)
+    ]
+
+
 def analyse(results: dict[str, list[dict]]) -> tuple[dict, str]:
-    """Tables: final accuracy, generations to reach GRPO's final accuracy, accuracy at equal
-    generations (each eval point), completion length."""
+    """Tables: final accuracy; generations each arm needs to reach GRPO's final accuracy (on the
+    mean curve over seeds) as a fraction of the generations GRPO spent; accuracy at equal
+    generations; completion length."""
     summary: dict = {}
-    grpo_final = None
+    targets: dict[str, float] = {}
+    budget = None
     if "grpo" in results:
-        grpo_final = statistics.fmean(r["evals"][-1]["sampled"] for r in results["grpo"])
+        for key in ("sampled", "greedy"):
+            targets[key] = statistics.fmean(r["evals"][-1][key] for r in results["grpo"])
+        budget = results["grpo"][0]["evals"][-1]["generations"]
+        summary["grpo_final"] = {**targets, "generations": budget}
     lines = [
         "| arm | final sampled acc | final greedy acc | generations to GRPO's final sampled acc "
-        "(per seed) | ratio to GRPO | mean completion length | minutes per run |",
+        "(÷ GRPO's) | generations to GRPO's final greedy acc (÷ GRPO's) | mean completion "
+        "length | minutes per run |",
         "|---|---|---|---|---|---|---|",
     ]
-    grpo_gens = None
-    if grpo_final is not None:
-        grpo_gens = [generations_to_reach(r["evals"], grpo_final) for r in results["grpo"]]
     for arm, runs in results.items():
         finals = [r["evals"][-1]["sampled"] for r in runs]
         greedy = [r["evals"][-1]["greedy"] for r in runs]
-        gens = (
-            [generations_to_reach(r["evals"], grpo_final) for r in runs]
-            if grpo_final is not None
-            else []
-        )
-        ratio = "-"
-        if grpo_gens and all(g is not None for g in gens) and all(grpo_gens):
-            ratio = f"{statistics.fmean(gens) / statistics.fmean(grpo_gens):.2f}"
-        elif gens and any(g is None for g in gens):
-            ratio = "not reached by every seed"
+        reach: dict[str, int | None] = {}
+        cells = []
+        for key, target in targets.items():
+            curve = [{"generations": g, key: a} for g, a in mean_curve(runs, key)]
+            reach[key] = generations_to_reach(curve, target, key)
+            g = reach[key]
+            cells.append("never" if g is None else f"{g} ({g / budget:.2f})")
         summary[arm] = {
             "final_sampled": finals,
             "final_greedy": greedy,
-            "generations_to_grpo_final": gens,
+            "generations_to_grpo_final": reach,
             "mean_length": [r["mean_length"] for r in runs],
             "curves": [r["evals"] for r in runs],
         }
         minutes = [r["seconds"] / 60 for r in runs if r["seconds"] is not None]
         lines.append(
             f"| {arm} | {mean_sd(finals)} | {mean_sd(greedy)} | "
-            f"{', '.join('never' if g is None else str(g) for g in gens) or '-'} | {ratio} | "
-            f"{mean_sd([r['mean_length'] for r in runs])} | {mean_sd(minutes)} |"
+            + " | ".join(cells or ["-", "-"])
+            + f" | {mean_sd([r['mean_length'] for r in runs])} | {mean_sd(minutes)} |"
         )
-    # Accuracy at equal generations: every eval point, mean over seeds.
-    first = next(iter(results.values()))
-    points = [e["generations"] for e in first[0]["evals"]]
-    lines += [
-        "",
-        "Sampled accuracy at equal generations (mean over seeds):",
-        "",
-        "| generations | " + " | ".join(results) + " |",
-        "|---" * (len(results) + 1) + "|",
-    ]
-    for i, g in enumerate(points):
-        cells = []
-        for runs in results.values():
-            vals = [r["evals"][i]["sampled"] for r in runs if i < len(r["evals"])]
-            cells.append(f"{statistics.fmean(vals):.3f}" if vals else "-")
-        lines.append(f"| {g} | " + " | ".join(cells) + " |")
-    if grpo_final is not None:
-        summary["grpo_final_sampled_mean"] = grpo_final
+    for key in ("sampled", "greedy"):
+        lines += [
+            "",
+            f"{key.capitalize()} accuracy at equal generations (mean over seeds):",
+            "",
+            "| generations | " + " | ".join(results) + " |",
+            "|---" * (len(results) + 1) + "|",
+        ]
+        curves = {arm: mean_curve(runs, key) for arm, runs in results.items()}
+        for i, (g, _) in enumerate(next(iter(curves.values()))):
+            row = [f"{c[i][1]:.3f}" if i < len(c) else "-" for c in curves.values()]
+            lines.append(f"| {g} | " + " | ".join(row) + " |")
     return summary, "\n".join(lines)
 
 
@@ -270,9 +273,10 @@ def main() -> int:
             str(disc_dir),
         ]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"study: sdpo discover failed:\n{proc.stderr[-3000:]}")
+        if not (disc_dir / "discover.json").exists():  # finished earlier: reuse
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"study: sdpo discover failed:\n{proc.stderr[-3000:]}")
         from sdpo.discover import format_table, plot_discovery
 
         disc = json.loads((disc_dir / "discover.json").read_text())
@@ -281,7 +285,10 @@ def main() -> int:
         text += ["", "## Test-time SDPO: discovery@k", "", format_table(disc)]
     record["seconds"] = time.time() - t0
     (args.out / "study.json").write_text(json.dumps(record, indent=1) + "\n")
-    text += ["", f"Total time: {record['seconds'] / 60:.1f} min."]
+    text += [
+        "",
+        f"Time of this invocation: {record['seconds'] / 60:.1f} min (finished runs are reused).",
+    ]
     (args.out / "study.md").write_text("\n".join(text) + "\n")
     print("\n".join(text))
     print(
