@@ -89,6 +89,11 @@ class ModelConfig:
         "Recompute the student backbone's activations in the backward pass (less memory, ~1/3 more compute).",
         resumable=True,
     )
+    dropout: bool = _f(
+        False,
+        "Keep the model's own dropout in training passes. Off (default, as in TRL's SDPO): old and "
+        "new log-probs see one network, so the importance ratio is 1 at the first reuse.",
+    )
     attn_implementation: str = _f(
         "sdpa",
         "Attention kernel: sdpa, eager, or flash_attention_2 (needs the flash-attn package and CUDA).",

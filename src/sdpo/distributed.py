@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from sdpo.config import SDPOConfig
+from sdpo.train_mode import set_rl_mode
 
 LOST_UPDATE_WARNING = (
     "model.param_dtype={dtype}: weights, gradients, AdamW state and the EMA teacher are stored in "
@@ -120,7 +121,9 @@ class Runtime:
 
     def prepare_policy(self, model: torch.nn.Module) -> None:
         """Weights in ``param_dtype`` (float32 master weights unless asked otherwise) on this
-        rank's device, the attention kernel, and gradient checkpointing of the backbone."""
+        rank's device, the attention kernel, gradient checkpointing of the backbone, and the
+        module modes of the RL passes: train mode with dropout off unless ``model.dropout``
+        (:func:`~sdpo.train_mode.set_rl_mode`)."""
         if self.param_dtype != torch.float32:
             warnings.warn(
                 LOST_UPDATE_WARNING.format(dtype=self.config.model.param_dtype), stacklevel=3
@@ -139,6 +142,7 @@ class Runtime:
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        set_rl_mode(model, dropout=self.config.model.dropout)
 
     def optimizer(self, params: list[Tensor], **kwargs: Any) -> torch.optim.Optimizer:
         """AdamW: fused kernel on CUDA, one multi-tensor kernel per op (foreach) elsewhere.

@@ -26,6 +26,7 @@ from transformers import (
 
 from sdpo.config import GenerationConfig
 from sdpo.lora import is_peft_model
+from sdpo.train_mode import eval_scope
 
 Prompt = str | list[dict[str, str]]
 
@@ -175,9 +176,7 @@ class PolicyModel:
         """
         repeated = [ids for ids in prompt_ids for _ in range(num_samples)]
         ids, mask = self.pad_left(repeated)
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_scope(self.model):
             completion_ids = sample(
                 unwrap(self.model),
                 ids,
@@ -187,8 +186,6 @@ class PolicyModel:
                 self.tokenizer.pad_token_id,
                 greedy=greedy,
             )
-        finally:
-            self.model.train(was_training)
         completion_mask = completion_tokens_mask(completion_ids, self.eos_token_id)
         return ids, mask, completion_ids, completion_mask
 
@@ -476,14 +473,9 @@ def _logit_scale(model: PreTrainedModel) -> float:
         return 1.0
     head = model.get_output_embeddings()
     ids = (torch.arange(1, 9, device=head.weight.device) % head.weight.shape[0]).unsqueeze(0)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            full = model(input_ids=ids).logits.double()
-            plain = head(model.base_model(input_ids=ids).last_hidden_state).double()
-    finally:
-        model.train(was_training)
+    with eval_scope(model), torch.no_grad():
+        full = model(input_ids=ids).logits.double()
+        plain = head(model.base_model(input_ids=ids).last_hidden_state).double()
     for c in [1.0] + [x for v in declared for x in (v, 1.0 / v)]:
         if torch.allclose(full, c * plain, rtol=1e-2, atol=1e-3 * float(full.abs().max())):
             return c

@@ -30,6 +30,7 @@ from transformers import PreTrainedModel
 from sdpo import lora
 from sdpo.distributed import lerp_
 from sdpo.policy_model import PolicyModel, output_head
+from sdpo.train_mode import eval_scope
 
 TEACHER_KINDS = ("ema", "frozen", "live", "trust_region")
 
@@ -129,9 +130,7 @@ class Teacher:
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Teacher hidden states ``[n, L, H']`` at completion positions, LM-head weight ``[V, H']`` and bias."""
         args = (prompt_ids, prompt_mask, completion_ids, completion_mask)
-        was_training = self.policy.model.training
-        self.policy.model.eval()  # live/trust_region teachers score without dropout
-        try:
+        with eval_scope(self.policy.model):  # live/trust_region teachers score without dropout
             with self.weights.active() as model:
                 h = self.policy.completion_hidden(*args, model=model)
                 head = output_head(model)
@@ -146,8 +145,6 @@ class Teacher:
             if head.bias is not None:
                 bias = torch.lerp(ref_head.bias, head.bias, beta)
             return torch.cat([beta * h, (1 - beta) * h_ref], dim=-1), weight, bias
-        finally:
-            self.policy.model.train(was_training)
 
     @torch.no_grad()
     def update(self) -> None:
