@@ -424,3 +424,23 @@ def test_nonfinite_gradient_with_finite_loss_is_skipped_and_counted(tmp_path, mo
     assert all(torch.equal(teacher_before[k], v) for k, v in teacher_after.items())
     with pytest.raises(NonFiniteLossError, match="2 steps in a row"), pytest.warns(UserWarning):
         trainer.step()
+
+
+def test_cpu_threads_default_to_one_for_small_models(tmp_path, tiny_llama):
+    from sdpo.distributed import cpu_threads
+
+    assert cpu_threads(0, 1_000_000) == 1
+    assert cpu_threads(0, 135_000_000) is None  # PyTorch's default for real models
+    assert cpu_threads(3, 1_000_000) == 3
+    previous = torch.get_num_threads()
+    model, tok = tiny_llama
+    policy = PolicyModel(model=model, tokenizer=tok)
+    try:
+        torch.set_num_threads(2)
+        SDPOTrainer(make_config(tmp_path), policy, parity_reward, ROWS)
+        assert torch.get_num_threads() == 1
+        config = make_config(tmp_path, run__num_threads=2, run__output_dir=str(tmp_path / "r2"))
+        SDPOTrainer(config, policy, parity_reward, ROWS)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)

@@ -354,6 +354,13 @@ class RunConfig:
         3, "Stop after this many steps in a row with a non-finite loss.", min=1, resumable=True
     )
     progress_bar: bool = _f(True, "Show a progress bar.", resumable=True)
+    num_threads: int = _f(
+        0,
+        "PyTorch CPU threads; 0 = auto: 1 for models under 50M parameters (threading overhead "
+        "dominates tiny models), PyTorch's default otherwise.",
+        min=0,
+        resumable=True,
+    )
     report_to: list[str] = _f(
         ["jsonl"],
         "Trackers: jsonl (always on), tensorboard, wandb, mlflow, trackio (e.g. [jsonl,tensorboard]).",

@@ -49,6 +49,23 @@ def compute_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return getattr(torch, dtype)
 
 
+SMALL_MODEL_PARAMS = 50_000_000
+
+
+def cpu_threads(requested: int, num_params: int) -> int | None:
+    """PyTorch CPU threads for a run: ``requested`` when > 0; else 1 for models under
+    :data:`SMALL_MODEL_PARAMS` parameters, None (PyTorch's default) for larger ones.
+
+    Why: a tiny model's matrix products are too small to split; threads only add
+    synchronization, and on a busy machine a thread waiting for a taken core stalls the others.
+    Measured on 2 cores with the 1M-parameter demo model: the quickstart took 52 s with one
+    thread and 100 s with two on a quiet machine, 13 min with two on a busy one.
+    """
+    if requested > 0:
+        return requested
+    return 1 if num_params < SMALL_MODEL_PARAMS else None
+
+
 class Runtime:
     """Devices, precision and processes of one run (built by the trainer from its config).
 
@@ -129,6 +146,12 @@ class Runtime:
                 LOST_UPDATE_WARNING.format(dtype=self.config.model.param_dtype), stacklevel=3
             )
         model.to(device=self.device, dtype=self.param_dtype)
+        if self.device.type == "cpu":
+            threads = cpu_threads(
+                self.config.run.num_threads, sum(p.numel() for p in model.parameters())
+            )
+            if threads is not None:
+                torch.set_num_threads(threads)
         impl = self.config.model.attn_implementation
         if getattr(model.config, "_attn_implementation", None) != impl:
             if impl == "flash_attention_2" and self.device.type != "cuda":
