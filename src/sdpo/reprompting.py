@@ -74,10 +74,10 @@ def reprompt_stats(
     """Fractions describing one batch's teacher contexts (SPEC section 8 names).
 
     - ``success_group_fraction``: groups with at least one success / groups;
-    - ``success_sample_fraction``: completions with ``reward >= threshold`` / N;
+    - ``success_sample_fraction``: completions whose teacher context includes a demonstration
+      (a successful sibling) / N, as the official code means it (successes / N is ``accuracy``);
     - ``reprompt_sample_fraction``: completions with a teacher context / N;
-    - ``feedback_used_fraction``: contexts that include feedback / N;
-    - ``demonstration_used_fraction``: contexts that include a demonstration / N.
+    - ``feedback_used_fraction``: contexts that include feedback / N.
 
     An empty batch gives zeros.
     """
@@ -94,16 +94,14 @@ def reprompt_stats(
                 "success_sample_fraction",
                 "reprompt_sample_fraction",
                 "feedback_used_fraction",
-                "demonstration_used_fraction",
             ),
             0.0,
         )
     return {
         "success_group_fraction": len(succeeded) / len(groups),
-        "success_sample_fraction": sum(success) / n,
+        "success_sample_fraction": sum(c.demonstration_index is not None for c in given) / n,
         "reprompt_sample_fraction": len(given) / n,
         "feedback_used_fraction": sum(c.used_feedback for c in given) / n,
-        "demonstration_used_fraction": sum(c.demonstration_index is not None for c in given) / n,
     }
 
 
