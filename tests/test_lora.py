@@ -427,3 +427,34 @@ def test_weights_pushed_to_an_inference_engine_are_the_merged_policy(tmp_path):
         pushed["model.layers.0.self_attn.q_proj.weight"],
         base.get_parameter("model.layers.0.self_attn.q_proj.weight"),
     )
+
+
+def test_final_of_a_lora_run_loads_on_its_own_and_holds_the_adapter(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base_model, tok = make_tiny_llama()
+    base = copy.deepcopy(base_model)
+    trainer = make_trainer(tmp_path, base_model, tok, run__max_steps=2)  # EMA teacher adapter too
+    trainer.train()
+    final = tmp_path / "run" / "final"
+    batch = fixed_batch(trainer.policy)
+    trained = completion_logprobs(trainer.policy, batch)
+    assert not torch.allclose(
+        trained, completion_logprobs(PolicyModel(model=base, tokenizer=tok), batch)
+    )
+    loaded = AutoModelForCausalLM.from_pretrained(final)  # merged: a plain transformers model
+    assert not any("lora" in k for k in loaded.state_dict())
+    torch.testing.assert_close(
+        completion_logprobs(PolicyModel(model=loaded, tokenizer=tok), batch),
+        trained,
+        rtol=0,
+        atol=2e-5,
+    )
+    adapter = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(final / "adapter"))
+    torch.testing.assert_close(
+        completion_logprobs(PolicyModel(model=adapter, tokenizer=tok), batch),
+        trained,
+        rtol=0,
+        atol=0,
+    )
+    assert trainer.policy.is_lora  # the live policy keeps its adapters after the export

@@ -3,12 +3,15 @@
 ``save_pretrained_dir`` writes what ``AutoModelForCausalLM.from_pretrained`` and
 ``AutoTokenizer.from_pretrained`` load: the weights (safetensors) and config, the tokenizer, a
 ``generation_config.json`` with the run's sampling settings, and a model card (``README.md``) with
-the config and the evaluation table. The directory is written next to its place and renamed into it
+the config and the evaluation table. A LoRA policy is written merged (the student's adapter added
+into the base weights, so the directory loads on its own), with the adapter itself under
+``adapter/`` in PEFT's format. The directory is written next to its place and renamed into it
 when complete, so a failed export never replaces a good one.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from pathlib import Path
@@ -81,7 +84,15 @@ def save_pretrained_dir(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.model.save_pretrained(tmp)
+    model = policy.model
+    if getattr(policy, "is_lora", False):
+        # A LoRA policy: the adapter in PEFT's format under adapter/, and the loadable model
+        # itself with the student's adapter merged into a copy of the base weights.
+        from sdpo import lora
+
+        lora.save_adapter(model, tmp / "adapter", lora.student_adapter(model), policy.name)
+        model = lora.merged(copy.deepcopy(model))
+    model.save_pretrained(tmp)
     policy.tokenizer.save_pretrained(tmp)
     generation_config(policy, generation).save_pretrained(tmp)
     (tmp / "README.md").write_text(card)
