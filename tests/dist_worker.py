@@ -91,6 +91,8 @@ def main() -> None:
     if mode in ("kill", "resume", "whole"):  # checkpoint every 2 steps
         extra["run__save_steps"] = 2
         extra["run__output_dir"] = str(out / ("whole" if mode == "whole" else "run"))
+    if mode == "replay":  # its own run directory (the ranks' run holds "run")
+        extra["run__output_dir"] = str(out / "replay")
     if mode == "resume":
         extra["run__resume_from"] = str(out / "run")
     trainer = build(out, strategy, steps, reward, **extra)

@@ -93,9 +93,6 @@ def test_two_processes_equal_one_process_over_the_same_global_batch(tmp_path, st
 
 
 @pytest.mark.slow
-@pytest.mark.skip(
-    reason="known failure: a rank exits in the 4-step fsdp run with save_steps=2 (open)"
-)
 def test_fsdp_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     whole = _launch(tmp_path, "fsdp", 4, "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]

@@ -77,9 +77,16 @@ def model_card(
 
 
 def save_pretrained_dir(
-    policy: Any, output_dir: str | Path, generation: GenerationConfig, card: str
+    policy: Any,
+    output_dir: str | Path,
+    generation: GenerationConfig,
+    card: str,
+    state_dict: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``policy``'s model, tokenizer, generation config and ``card`` to ``output_dir``."""
+    """Write ``policy``'s model, tokenizer, generation config and ``card`` to ``output_dir``.
+
+    ``state_dict``: the weights to write instead of ``policy.model.state_dict()`` (a sharded
+    model's gathered weights: its own state dict holds only this rank's shards)."""
     out = Path(output_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
@@ -92,7 +99,7 @@ def save_pretrained_dir(
 
         lora.save_adapter(model, tmp / "adapter", lora.student_adapter(model), policy.name)
         model = lora.merged(copy.deepcopy(model))
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)  # LoRA is not combined with fsdp
     policy.tokenizer.save_pretrained(tmp)
     generation_config(policy, generation).save_pretrained(tmp)
     (tmp / "README.md").write_text(card)

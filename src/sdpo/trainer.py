@@ -655,7 +655,8 @@ class SDPOTrainer:
         without an eval set).
         """
         with self._holding_run_dir():
-            self.config.to_yaml(self.run_dir / "config.yaml")
+            if self.runtime.is_main:  # the one that claimed (and created) the run directory
+                self.config.to_yaml(self.run_dir / "config.yaml")
             self._start_tracking()
             self.last_eval = self.evaluate() if self.global_step == 0 else {}
             self.first_eval = dict(self.last_eval)
@@ -820,8 +821,12 @@ class SDPOTrainer:
 
     def save_model(self, output_dir: str | Path | None = None) -> Path:
         """Write the policy as a Hugging Face directory (default ``{run_dir}/final``): weights,
-        config, tokenizer, generation config and a model card with the config and evals."""
+        config, tokenizer, generation config and a model card with the config and evals.
+
+        Under ``distributed.strategy=fsdp`` every rank must call it (the shards are gathered, a
+        collective); rank 0 writes."""
         out = Path(output_dir) if output_dir is not None else self.run_dir / "final"
+        full = self.runtime.full_state_dict(self.policy.model) if self.runtime.lockstep else None
         if self.runtime.is_main:
             card = model_card(
                 self.config,
@@ -829,7 +834,7 @@ class SDPOTrainer:
                 getattr(self, "first_eval", {}),
                 getattr(self, "last_eval", {}),
             )
-            save_pretrained_dir(self.policy, out, self.config.generation, card)
+            save_pretrained_dir(self.policy, out, self.config.generation, card, full)
         return out
 
     def _checkpoint_modules(self) -> dict[str, torch.nn.Module]:
