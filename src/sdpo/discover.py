@@ -125,6 +125,27 @@ class Discoverer:
         hits = (rewards >= self.threshold).nonzero().flatten()
         return int(hits[0]) if len(hits) else None
 
+    def _rounds(
+        self, policy: PolicyModel, row: dict[str, Any], seed: int, adapt: bool
+    ) -> int | None:
+        """Rounds of G attempts at ``row`` until the first success (attempts spent up to and
+        including it) or the budget; with ``adapt``, an SDPO update after every failed round."""
+        with tempfile.TemporaryDirectory(prefix="sdpo-discover-") as out:
+            trainer = self._trainer(policy, row, seed, out)
+            spent = 0
+            while spent < self.budget:
+                rollouts = trainer.generate([row])
+                trainer.score(rollouts)
+                hit = self._first_success(rollouts.rewards)
+                if hit is not None:
+                    return spent + hit + 1
+                spent += len(rollouts)
+                if adapt:
+                    contexts = trainer.reprompt(rollouts)
+                    for _ in range(self.steps_per_round):
+                        trainer.update(rollouts, contexts)
+        return None
+
     def run_sdpo(self, row: dict[str, Any], seed: int) -> int | None:
         """Attempts until the first success with an SDPO update after every failed round."""
         from sdpo.policy_model import PolicyModel
@@ -135,34 +156,11 @@ class Discoverer:
             device=self.policy.device,
         )
         self.last_student = student  # the adapted model of the latest question (for inspection)
-        with tempfile.TemporaryDirectory(prefix="sdpo-discover-") as out:
-            trainer = self._trainer(student, row, seed, out)
-            spent = 0
-            while spent < self.budget:
-                rollouts = trainer.generate([row])
-                trainer.score(rollouts)
-                hit = self._first_success(rollouts.rewards)
-                if hit is not None:
-                    return spent + hit + 1
-                spent += len(rollouts)
-                contexts = trainer.reprompt(rollouts)
-                for _ in range(self.steps_per_round):
-                    trainer.update(rollouts, contexts)
-        return None
+        return self._rounds(student, row, seed, adapt=True)
 
     def run_best_of_k(self, row: dict[str, Any], seed: int) -> int | None:
         """Independent samples of the plain question, G at a time, until the first success."""
-        with tempfile.TemporaryDirectory(prefix="sdpo-discover-") as out:
-            trainer = self._trainer(self.policy, row, seed, out)
-            spent = 0
-            while spent < self.budget:
-                rollouts = trainer.generate([row])
-                trainer.score(rollouts)
-                hit = self._first_success(rollouts.rewards)
-                if hit is not None:
-                    return spent + hit + 1
-                spent += len(rollouts)
-        return None
+        return self._rounds(self.policy, row, seed, adapt=False)
 
     def run_multi_turn(self, row: dict[str, Any], seed: int) -> int | None:
         """G chains; each next attempt sees the question plus its chain's last feedback."""
