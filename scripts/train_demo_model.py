@@ -6,20 +6,25 @@ A ~1M-parameter Llama with a character-level tokenizer learns addition from a mi
   quickstart task is 2-digit addition (``sdpo.tasks.arithmetic`` defaults);
 - questions in the SPEC §3 teacher template with a correct demonstration (target: the demonstrated
   answer; half of them at the longest length, half at any), so the model can act as its own teacher;
-- questions in the teacher template with the arithmetic task's feedback on a wrong answer (target:
-  the right answer), so a feedback-only teacher context is familiar too.
+- questions in the teacher context the trainer builds from feedback alone
+  (:func:`sdpo.demo.feedback_prompt`) with :func:`sdpo.tasks.arithmetic.feedback_for` on a wrong
+  answer drawn like the model's own mistakes (mostly the last digit off by 1-3, else a carry or a
+  digit slip; target: the right answer), so the teacher learns to read "Your answer 122 is too
+  small. Its last digit is wrong." -- which never contains the answer -- and answer better than
+  a fresh attempt (16 per step, half at the quickstart length).
 
 Loss is on answer tokens + EOS only (train-split problems only). With seed 0, 2-digit accuracy
-reaches ~10% by step 300 and then creeps from ~7% to ~17% for 800 steps, held back by the 3-digit
-examples it cannot solve yet, while the copy skill settles (>90% from ~step 650); then it jumps
-(21% at step 1,100, 43% at step 1,125). Every ``--eval-every`` steps the script measures greedy
-accuracy on held-out quickstart problems (a dev set from the train split), plain and with a
-demonstration, and stops at the first checkpoint whose accuracy with a demonstration is >=
-``--min-copy`` and whose plain accuracy lies in ``--band`` (seed 0: step 1,125). It then reports
-accuracy on the arithmetic eval split (greedy and sampled at T=1; plain, with a correct
-demonstration, and with feedback on a wrong answer), saves the weights and exits non-zero if the
-required properties fail. With one thread the run is deterministic: seed 0 reproduces the shipped
-weights bit for bit.
+stays below ~11% for 450 steps while the 1-digit and copy skills settle (copy >90% from ~step
+400), then jumps (18% at step 475, 41% at step 525). Every ``--eval-every`` steps the script
+measures greedy accuracy on held-out quickstart problems (a dev set from the train split), plain
+and with a demonstration, and stops at the first checkpoint whose accuracy with a demonstration
+is >= ``--min-copy``, whose plain accuracy lies in ``--band``, and which reads feedback: on its
+own wrong greedy answers to 200 dev problems, greedy decoding of the feedback teacher context is
+right at least 2x (and 0.15 more) as often as a fresh sampled attempt (seed 0: step 550). It then
+reports accuracy on the arithmetic eval split (greedy and sampled at T=1; plain, with a correct
+demonstration, with feedback on a drawn wrong answer, and the own-mistakes retry), saves the
+weights and exits non-zero if the required properties fail. With one thread the run is
+deterministic: seed 0 reproduces the shipped weights bit for bit.
 
     python scripts/train_demo_model.py [--out DIR] [--seed 0]
 """
@@ -36,10 +41,10 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM
 
-from sdpo.config import DEFAULT_FEEDBACK_TEMPLATE, DEFAULT_REPROMPT_TEMPLATE
 from sdpo.demo import (
     DEMO_MODEL_DIR,
     build_char_tokenizer,
+    feedback_prompt,
     generate_completions,
     teacher_prompt,
     tiny_llama_config,
@@ -76,8 +81,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--feedback-per-step",
         type=int,
-        default=8,
-        help="Teacher-template examples with feedback per step.",
+        default=16,
+        help="Teacher-template examples with feedback on a wrong answer per step.",
     )
     p.add_argument(
         "--digit-weights",
@@ -134,9 +139,12 @@ def parse_args() -> argparse.Namespace:
 class Mixture:
     """Draws training examples (prompt, answer) from the arithmetic train split only."""
 
-    def __init__(self, rng: random.Random, digit_weights: list[float]):
+    def __init__(
+        self, rng: random.Random, digit_weights: list[float], quick_digits: int = arithmetic.DIGITS
+    ):
         self.rng = rng
         self.digit_weights = digit_weights
+        self.quick_digits = quick_digits
         self.digits = list(range(1, len(digit_weights) + 1))
 
     def problem(self, digits: int | None = None) -> dict:
@@ -158,28 +166,37 @@ class Mixture:
         return teacher_prompt(row["prompt"], row["answer"]), row["answer"]
 
     def feedback(self, row: dict | None = None) -> tuple[str, str]:
-        row = row or self.problem(self.digits[-1] if self.rng.random() < 0.5 else None)
+        # Half at the quickstart length (where the feedback is used), half at any length.
+        row = row or self.problem(self.quick_digits if self.rng.random() < 0.5 else None)
         wrong = self.wrong_answer(row["answer"])
-        feedback = DEFAULT_FEEDBACK_TEMPLATE.format(
-            feedback_raw=arithmetic.feedback_for(wrong, row["answer"])
-        )
-        prompt = DEFAULT_REPROMPT_TEMPLATE.format(
-            prompt=row["prompt"], solution="", feedback=feedback
-        )
-        return prompt, row["answer"]
+        return feedback_prompt(row["prompt"], arithmetic.feedback_for(wrong, row["answer"])), row[
+            "answer"
+        ]
 
     def wrong_answer(self, answer: str) -> str:
-        """A plausible mistake: one digit off by a little, or a dropped / extra digit."""
+        """A mistake like the model's own: mostly a last digit off by 1-3, else a carry or digit slip.
+
+        The demo model's wrong greedy 2-digit sums are off by -1 (32%), +1 (21%), +-2 (19%), +3
+        (6%), +-10 (3%), +-9 (2%) or more (15%).
+        """
         value = int(answer)
         kind = self.rng.random()
-        if kind < 0.7:
-            place = 10 ** self.rng.randrange(len(answer))
-            wrong = value + self.rng.choice([-2, -1, 1, 2]) * place
-        elif kind < 0.85:
-            wrong = value // 10
-        else:
+        if kind < 0.5:
+            wrong = value + self.rng.choice([-1, 1])
+        elif kind < 0.7:
+            wrong = value + self.rng.choice([-3, -2, 2, 3])
+        elif kind < 0.8:  # a missed or extra carry into the tens
+            wrong = value + self.rng.choice([-10, 10])
+        elif kind < 0.85:  # ... and a slipped last digit
+            wrong = value + self.rng.choice([-11, -9, 9, 11])
+        elif kind < 0.95:  # anything nearby
+            wrong = value + self.rng.randint(-30, 30)
+        elif kind < 0.975:  # a dropped leading digit
+            wrong = int(answer[1:] or 0)
+        else:  # an extra digit
             wrong = value * 10 + self.rng.randrange(10)
-        return str(max(wrong, 0)) if wrong != value and max(wrong, 0) != value else str(value + 1)
+        wrong = max(wrong, 0)
+        return str(wrong if wrong != value else value + 1)
 
 
 def encode_batch(
@@ -228,6 +245,41 @@ def accuracy(
     return sum(c.strip() == r["answer"] for c, r in zip(completions, rows, strict=True)) / len(rows)
 
 
+def own_mistakes(model, tokenizer, rows: list[dict], seed: int = 0) -> dict:
+    """Retrying the model's own wrong greedy answers: plain (sampled) vs with the feedback (greedy).
+
+    For every row the model answers wrongly with greedy decoding, the retry is either the plain
+    question sampled at T = 1 (what a fresh attempt gets) or greedy decoding of the teacher
+    context the trainer builds from that attempt's feedback (:func:`sdpo.demo.feedback_prompt`).
+    """
+    answers = generate_completions(model, tokenizer, [r["prompt"] for r in rows])
+    wrong = [(r, a.strip()) for r, a in zip(rows, answers, strict=True) if a.strip() != r["answer"]]
+    missed = [
+        {
+            **r,
+            "own_feedback_prompt": feedback_prompt(
+                r["prompt"], arithmetic.feedback_for(a, r["answer"])
+            ),
+        }
+        for r, a in wrong
+    ]
+    return {
+        "wrong": len(missed),
+        "plain_sampled": accuracy(model, tokenizer, missed, False, do_sample=True, seed=seed),
+        "feedback_greedy": accuracy(
+            model, tokenizer, missed, False, do_sample=False, key="own_feedback_prompt"
+        ),
+        "feedback_sampled": accuracy(
+            model, tokenizer, missed, False, do_sample=True, seed=seed, key="own_feedback_prompt"
+        ),
+    }
+
+
+def reads_feedback(own: dict) -> bool:
+    """Whether retrying with feedback (greedy) is clearly above a plain retry (sampled): 2x and +0.15."""
+    return own["feedback_greedy"] >= max(2 * own["plain_sampled"], own["plain_sampled"] + 0.15)
+
+
 def main() -> int:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -241,7 +293,7 @@ def main() -> int:
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / args.warmup_steps)
     )
-    mixture = Mixture(rng, args.digit_weights)
+    mixture = Mixture(rng, args.digit_weights, args.quick_digits)
     dev = [mixture.problem(args.quick_digits) for _ in range(args.dev_size)]
     others = [d for d in range(1, len(args.digit_weights) + 1) if d != args.quick_digits]
     dev_other = {d: [mixture.problem(d) for _ in range(100)] for d in others}
@@ -269,17 +321,29 @@ def main() -> int:
         model.eval()
         base = accuracy(model, tokenizer, dev, demonstration=False, do_sample=False)
         copy = accuracy(model, tokenizer, dev[:100], demonstration=True, do_sample=False)
+        ready = copy >= args.min_copy and args.band[0] <= base <= args.band[1]
+        # Retrying own mistakes (the slowest check): when it decides, and every 4th evaluation.
+        own = (
+            own_mistakes(model, tokenizer, dev[:200])
+            if ready or step % (4 * args.eval_every) == 0
+            else None
+        )
+        retried = (
+            ""
+            if own is None
+            else f"  own mistakes retried plain {own['plain_sampled']:.2f} / with feedback {own['feedback_greedy']:.2f}"
+        )
         other = " ".join(
             f"{d}-digit {accuracy(model, tokenizer, r, False, False):.2f}"
             for d, r in dev_other.items()
         )
         print(
-            f"step {step:5d}  loss {loss.item():.4f}  dev plain {base:.3f}  with demonstration {copy:.3f}  ({other})  {time.time() - start:5.0f}s",
+            f"step {step:5d}  loss {loss.item():.4f}  dev plain {base:.3f}  with demonstration {copy:.3f}{retried}  ({other})  {time.time() - start:5.0f}s",
             flush=True,
         )
         if args.save_every_eval:
             model.save_pretrained(args.out / f"step-{step}", safe_serialization=True)
-        if copy >= args.min_copy and args.band[0] <= base <= args.band[1]:
+        if ready and reads_feedback(own):
             break
     else:
         print(f"FAILED: the stopping criterion was not met within {args.max_steps} steps")
@@ -288,7 +352,9 @@ def main() -> int:
 
     model.eval()
     rows = arithmetic.load("eval", seed=0, n=args.eval_size, digits=args.quick_digits)
-    wrong_answers = Mixture(random.Random(f"eval:{args.seed}"), args.digit_weights)
+    wrong_answers = Mixture(
+        random.Random(f"eval:{args.seed}"), args.digit_weights, args.quick_digits
+    )
     for row in rows:  # the arithmetic reward's feedback on a plausible wrong answer
         row["feedback_prompt"] = wrong_answers.feedback(row)[0]
     report = {
@@ -309,6 +375,7 @@ def main() -> int:
         "feedback_teacher_sampled": accuracy(
             model, tokenizer, rows, False, do_sample=True, seed=args.seed, key="feedback_prompt"
         ),
+        "own_mistakes": own_mistakes(model, tokenizer, rows, seed=args.seed),
     }
     print(json.dumps(report, indent=2))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -326,6 +393,12 @@ def main() -> int:
     if report["base_sampled"] < 0.05:
         problems.append(
             f"sampled base accuracy {report['base_sampled']:.3f} leaves RL groups without successes"
+        )
+    own = report["own_mistakes"]
+    if not reads_feedback(own):
+        problems.append(
+            f"retrying its own wrong answers with feedback ({own['feedback_greedy']:.3f}, greedy) is "
+            f"not clearly above retrying them plainly ({own['plain_sampled']:.3f}, sampled)"
         )
     for problem in problems:
         print(f"FAILED: {problem}")

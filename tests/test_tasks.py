@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 
 import pytest
@@ -65,15 +66,44 @@ def test_reward_is_one_for_the_answer_and_zero_otherwise(name):
 
 def test_arithmetic_feedback_helps_without_giving_the_answer():
     reward = task_reward_model("arithmetic")
-    prompts, answers = ["Q: 500+500="] * 5, ["1000"] * 5
-    out = reward(prompts, ["1000", "999", "1001", "1100", "ten"], answer=answers)
+    prompts, answers = ["Q: 500+500="] * 6, ["1000"] * 6
+    out = reward(prompts, ["1000", "999", "1001", "1100", "ten", "10000"], answer=answers)
     assert out[0].feedback is None
-    assert out[1].feedback == "Your answer has 3 digits; the correct answer has 4."
-    assert out[2].feedback == "Your answer is too large."
+    assert out[1].feedback == (
+        "Your answer 999 has three digits; the correct answer has four. Its last digit is wrong."
+    )
+    assert out[2].feedback == "Your answer 1001 is too large. Its last digit is wrong."
+    assert out[3].feedback == "Your answer 1100 is too large. Its last digit is right."
     assert "not a whole number" in out[4].feedback
+    # An attempt that contains the answer is not named.
+    assert out[5].feedback == (
+        "Your answer has five digits; the correct answer has four. Its last digit is right."
+    )
     assert all("1000" not in (o.feedback or "") for o in out)
-    low = reward(["Q: 347+586="], ["930"], answer=["933"])[0]
-    assert low.feedback == "Your answer is too small." and "933" not in low.feedback
+    low = reward(["Q: 58+67="], ["115"], answer=["125"])[0]
+    assert low.feedback == "Your answer 115 is too small. Its last digit is right."
+    assert task_reward_model("arithmetic_hard")(["Q: 58+67="], ["115"], answer=["125"])[0] == low
+
+
+def test_arithmetic_feedback_never_contains_the_answer():
+    rng = random.Random(0)
+    cases = [("-12", "12"), ("012", "12"), ("+12", "12"), ("1212", "12"), ("3", "2"), ("21", "1")]
+    for _ in range(20_000):
+        answer = str(rng.choice([rng.randrange(10), rng.randrange(1000), rng.randrange(10**6)]))
+        given = rng.choice(
+            [
+                str(rng.randrange(10 ** rng.randint(1, 7))),
+                str(int(answer) + rng.randint(-12, 12)),
+                rng.choice(["", "-", "0", "+", "1"]) + answer + rng.choice(["", "0", "7", "1"]),
+                answer[1:] or "0",
+                answer[:-1] + str(rng.randrange(10)),
+            ]
+        )
+        cases.append((given, answer))
+    for given, answer in cases:
+        feedback = arithmetic.feedback_for(given, answer)
+        assert (feedback is None) == (given == answer)
+        assert feedback is None or answer not in feedback, (given, answer, feedback)
 
 
 def test_unknown_task_names_the_closest():

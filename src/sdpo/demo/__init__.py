@@ -13,7 +13,11 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from sdpo.config import DEFAULT_REPROMPT_TEMPLATE, DEFAULT_SOLUTION_TEMPLATE
+from sdpo.config import (
+    DEFAULT_FEEDBACK_TEMPLATE,
+    DEFAULT_REPROMPT_TEMPLATE,
+    DEFAULT_SOLUTION_TEMPLATE,
+)
 
 DEMO_MODEL_DIR = Path(__file__).parent / "model"
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
@@ -85,6 +89,16 @@ def teacher_prompt(prompt: str, demonstration: str) -> str:
     """``prompt`` in the default teacher template (SPEC §3) with ``demonstration`` as the solution."""
     solution = DEFAULT_SOLUTION_TEMPLATE.format(successful_previous_attempt=demonstration)
     return DEFAULT_REPROMPT_TEMPLATE.format(prompt=prompt, solution=solution, feedback="")
+
+
+def feedback_prompt(prompt: str, feedback: str) -> str:
+    """``prompt`` in the default teacher template with only the environment's ``feedback``.
+
+    The teacher context the trainer builds (:class:`sdpo.reprompting.Reprompter`, default
+    config) for a failed attempt whose group has no success.
+    """
+    block = DEFAULT_FEEDBACK_TEMPLATE.format(feedback_raw=feedback)
+    return DEFAULT_REPROMPT_TEMPLATE.format(prompt=prompt, solution="", feedback=block)
 
 
 @torch.no_grad()

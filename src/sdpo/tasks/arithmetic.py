@@ -5,7 +5,8 @@ trained for. Change the module-level defaults (or pass ``digits=``/``operations=
 for other variants; subtraction keeps the larger operand first, so answers are never negative.
 
 The reward is an exact match on the ``answer`` column; a wrong answer gets feedback that helps
-without giving the answer away (its length versus the right length, or too large / too small).
+without giving the answer away (:func:`feedback_for`: the attempt, too large / too small or its
+length versus the right length, and whether its last digit is right).
 """
 
 from __future__ import annotations
@@ -62,8 +63,25 @@ def load(
     )
 
 
+_COUNTS = "zero one two three four five six seven eight nine ten eleven twelve".split()
+
+
+def _count(n: int) -> str:
+    """``n`` in words (no digits, so a count can never spell the answer); "many" past twelve."""
+    return _COUNTS[n] if n < len(_COUNTS) else "many"
+
+
 def feedback_for(completion: str, answer: str) -> str | None:
-    """Feedback on a wrong ``completion`` that never contains ``answer``; None when it is right."""
+    """Feedback on a wrong ``completion`` that never contains ``answer``; None when it is right.
+
+    A whole-number attempt is named (unless it contains the answer, e.g. ``1250`` for ``125``),
+    then compared: too large / too small when the lengths agree, else both lengths (in words), and
+    whether its last digit is right. The only digits in the text are the named attempt's, which
+    differs from the answer and does not contain it, so the answer never appears::
+
+        Your answer 122 is too small. Its last digit is wrong.
+        Your answer 25 has two digits; the correct answer has three. Its last digit is right.
+    """
     given = completion.strip()
     if given == answer:
         return None
@@ -71,9 +89,14 @@ def feedback_for(completion: str, answer: str) -> str | None:
         value = int(given)
     except ValueError:
         return "Your answer is not a whole number."
-    if len(given.lstrip("-")) != len(answer.lstrip("-")):
-        return f"Your answer has {len(given.lstrip('-'))} digits; the correct answer has {len(answer.lstrip('-'))}."
-    return "Your answer is too large." if value > int(answer) else "Your answer is too small."
+    named = f"Your answer {given}" if answer not in given else "Your answer"
+    digits, right_digits = given.lstrip("+-"), answer.lstrip("+-")
+    if len(digits) != len(right_digits):
+        text = f"{named} has {_count(len(digits))} digits; the correct answer has {_count(len(right_digits))}."
+    else:
+        text = f"{named} is too {'large' if value > int(answer) else 'small'}."
+    last = "right" if digits[-1:] == right_digits[-1:] else "wrong"
+    return f"{text} Its last digit is {last}."
 
 
 class ArithmeticRewardModel(RewardModel):
@@ -95,5 +118,5 @@ class ArithmeticRewardModel(RewardModel):
 
 
 def reward_model() -> RewardModel:
-    """Exact match on ``answer``, with length / too large / too small feedback."""
+    """Exact match on ``answer``, with :func:`feedback_for`'s feedback (never the answer)."""
     return ArithmeticRewardModel()

@@ -1,11 +1,12 @@
 """Arithmetic, hard split: 2-digit additions whose units digits carry (``Q: 58+67=`` -> ``125``).
 
 The demo model solves these far less often than other 2-digit sums (measured with 4 samples at
-T = 1 on the eval split: 16% sampled accuracy, and every sample of a group of 4 fails on about half
-of the questions, versus 35-41% and 21-29% without a units carry), so GRPO has no signal on many
-of its prompts and a teacher must learn from the environment's feedback alone. Same reward and
-feedback as :mod:`sdpo.tasks.arithmetic` (too large / too small / wrong length, never the answer);
-train and eval are disjoint (the same hash split as the plain task).
+T = 1 on the eval split: 13% sampled accuracy, and every sample of a group of 4 fails on 60% of
+the questions, versus 47% and 26% without a units carry), so GRPO has no signal on most of its
+prompts and a teacher must learn from the environment's feedback alone. Same reward and feedback
+as :mod:`sdpo.tasks.arithmetic` (the attempt, too large / too small or wrong length, whether its
+last digit is right; never the answer); train and eval are disjoint (the same hash split as the
+plain task).
 """
 
 from __future__ import annotations
