@@ -94,6 +94,41 @@ def test_missing_data_file_is_reported_before_the_model_loads(capsys, tmp_path, 
     assert "data.train_file" in _one_clean_line(capsys)
 
 
+def test_a_data_file_replaces_the_presets_task(tmp_path):
+    """`sdpo train data.train_file=x` trains on x (the quickstart's task used to win silently)."""
+    from sdpo.cli import build_data, eval_config, eval_data
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    argv = ["train", f"data.train_file={rows}", f"data.eval_file={rows}", "data.reward=exact"]
+    config = load_config(build_parser().parse_args(argv))
+    assert config.data.task is None
+    train_rows, eval_rows, _ = build_data(config)
+    assert (train_rows, eval_rows) == (str(rows), str(rows))
+    # the same through a YAML file over a preset, and through the Python preset
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text(f"preset: quickstart\ndata:\n  train_file: {rows}\n  reward: exact\n")
+    assert SDPOConfig.from_yaml(yaml_file).data.task is None
+    assert SDPOConfig.preset("quickstart", data__train_file=str(rows)).data.task is None
+    # a later task replaces earlier files: --config x.yaml task=arithmetic trains arithmetic
+    config = SDPOConfig(data__train_file=str(rows), data__eval_file=str(rows))
+    config.apply_overrides(["task=arithmetic"])
+    assert config.data.task == "arithmetic" and config.data.train_file is None
+    assert config.data.eval_file is None
+    # `sdpo eval MODEL data.eval_file=x` evaluates x, not the quickstart's arithmetic
+    config = eval_config(None, [f"data.eval_file={rows}", "data.reward=exact"])
+    assert eval_data(config)[0] == [{"prompt": "1+1=", "answer": "2"}]
+
+
+def test_a_task_and_a_train_file_in_one_layer_is_a_clear_error(tmp_path, capsys):
+    argv = ["train", "task=arithmetic", f"data.train_file={tmp_path}/x.jsonl"]
+    assert main([*argv, "data.reward=math"]) == 2
+    err = _one_clean_line(capsys)
+    assert "data.task" in err and "data.task=none" in err and "data.train_file" in err
+    with pytest.raises(ValueError, match="data.task=none"):
+        SDPOConfig(data__task="arithmetic", data__train_file="x.jsonl")
+
+
 @pytest.mark.parametrize(
     ("argv", "hint"),
     [

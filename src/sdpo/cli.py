@@ -333,7 +333,8 @@ def eval_config(run_dir: Path | None, overrides: list[str]) -> SDPOConfig:
         if run_dir is not None
         else SDPOConfig.preset("quickstart")
     )
-    return config.apply_overrides(overrides)
+    # An eval file on the command line replaces the run's (or the quickstart's) built-in task.
+    return config.apply_overrides(overrides, data_files=("data.train_file", "data.eval_file"))
 
 
 def eval_data(config: SDPOConfig) -> tuple[list[dict[str, Any]], Any]:

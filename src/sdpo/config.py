@@ -560,8 +560,14 @@ class SDPOConfig:
             obj = getattr(obj, part)
         setattr(obj, name, value)
 
-    def apply_overrides(self, overrides: list[str]) -> SDPOConfig:
-        """Apply ``key=value`` strings (``self_distillation.alpha=1.0``) in order, then validate."""
+    def apply_overrides(
+        self, overrides: list[str], data_files: tuple[str, ...] = ("data.train_file",)
+    ) -> SDPOConfig:
+        """Apply ``key=value`` strings (``self_distillation.alpha=1.0``) in order, then validate.
+
+        The overrides are a layer over this config: naming one of ``data_files`` replaces a
+        built-in ``data.task`` set before (a preset's), see :meth:`replace_data_source`."""
+        given: set[str] = set()
         for item in overrides:
             if "=" not in item:
                 raise ValueError(
@@ -569,8 +575,24 @@ class SDPOConfig:
                 )
             key, raw = item.split("=", 1)
             self.set(key.strip(), raw.strip())
+            given.add(self.resolve_key(key.strip()))
+        self.replace_data_source(given, data_files)
         self.validate()
         return self
+
+    def replace_data_source(
+        self, given: set[str], data_files: tuple[str, ...] = ("data.train_file",)
+    ) -> None:
+        """The data source set last wins: a layer (the keys ``given`` over a preset, a config
+        file or a run's config) that sets a data file but no ``data.task`` drops the task set
+        before, so ``sdpo train data.train_file=x.jsonl`` trains on the file as a TRL user
+        expects, not on the quickstart's arithmetic; a layer that sets ``data.task`` but no file
+        drops earlier files. Both in one layer is refused by :meth:`validate`."""
+        files = [k for k in data_files if k in given and self.get(k) is not None]
+        if files and "data.task" not in given:
+            self.data.task = None
+        elif "data.task" in given and self.data.task is not None and not files:
+            self.data.train_file = self.data.eval_file = None
 
     # ----- validation ---------------------------------------------------------------------------
 
@@ -627,6 +649,12 @@ class SDPOConfig:
                 raise ValueError(
                     f"run.report_to: unknown tracker {name!r}; choose from {', '.join(TRACKERS)}."
                 )
+        if self.data.task is not None and self.data.train_file is not None:
+            raise ValueError(
+                f"data.task = {self.data.task!r} and data.train_file = {self.data.train_file!r} are "
+                "both set, and a built-in task brings its own data: set data.task=none to train on "
+                "the file, or drop data.train_file."
+            )
         sd = self.self_distillation
         for name, (fields, required) in TEMPLATE_FIELDS.items():
             _check_template(f"self_distillation.{name}", getattr(sd, name), fields, required)
@@ -695,6 +723,7 @@ class SDPOConfig:
                     )
                 given[resolved] = key
                 base.set(key, value)
+            base.replace_data_source(set(given))
             return base.validate()
         return cls.from_dict(data)
 
@@ -708,6 +737,7 @@ class SDPOConfig:
             config.set(key, value)
         for key, value in overrides.items():
             config.set(key.replace("__", "."), value)
+        config.replace_data_source({cls.resolve_key(k.replace("__", ".")) for k in overrides})
         return config.validate()
 
     def __repr__(self) -> str:
