@@ -168,6 +168,24 @@ def test_reference_model_only_loaded_when_needed(tmp_path, tiny_llama):
     )  # one shared copy
 
 
+def test_a_run_without_distillation_keeps_no_teacher_copy(tmp_path, tiny_llama):
+    """GRPO (distillation_weight=0) with the default EMA teacher: no copy in memory or on disk."""
+    model, tok = tiny_llama
+    config = make_config(
+        tmp_path, distillation_weight=0.0, teacher="ema", kl_penalty_weight=0.0, run__save_steps=2
+    )
+    trainer = SDPOTrainer(
+        config=config,
+        policy_model=PolicyModel(model=model, tokenizer=tok),
+        reward_model=parity_reward,
+        train_dataloader=ROWS,
+    )
+    assert trainer.teacher.copy is None
+    trainer.train()
+    checkpoint = tmp_path / "run" / "checkpoint-000002"
+    assert checkpoint.is_dir() and not (checkpoint / "teacher.safetensors").exists()
+
+
 def test_gpt2_and_token_level_and_updates_per_batch(tmp_path, tiny_gpt2):
     model, tok = tiny_gpt2
     config = make_config(

@@ -332,7 +332,8 @@ def resolve_model(
         if not teacher_file.exists():
             raise FileNotFoundError(
                 f"{chosen} has no EMA teacher weights (teacher.safetensors); only runs with "
-                "self_distillation.teacher=ema keep one, in their checkpoints."
+                "self_distillation.teacher=ema that distill (distillation_weight > 0) keep one, in their "
+                "checkpoints."
             )
     return str(model_dir), teacher_file, run_dir
 

@@ -116,7 +116,9 @@ class SDPOTrainer:
         self.runtime.prepare_policy(policy_model.model)
         lora.attach(policy_model, config.model.lora)
         self.reference = reference_weights(policy_model) if needs_reference else None
-        self.teacher = Teacher(sd.teacher, policy_model, sd.teacher_update_rate, self.reference)
+        # A run that does not distill (GRPO) has no use for a teacher: no EMA copy, no updates.
+        teacher_kind = sd.teacher if sd.distillation_weight > 0 else "live"
+        self.teacher = Teacher(teacher_kind, policy_model, sd.teacher_update_rate, self.reference)
         self.reprompter = Reprompter(sd, tokenizer=policy_model.tokenizer, seed=run.seed)
         self.runtime.shard(policy_model.model, self.teacher.copy, _module(self.reference))
         policy_model.device = self.runtime.device
@@ -912,7 +914,8 @@ class SDPOTrainer:
             self.optimizer.load_state_dict(objects["optimizer"])
         if self.runtime.distributed:
             objects = self.runtime.own_share(objects, ("rng", "reprompter_rng"), path)
-        if state.get("teacher", self.teacher.kind) != self.teacher.kind:
+        distills = self.config.self_distillation.distillation_weight > 0
+        if distills and state.get("teacher", self.teacher.kind) != self.teacher.kind:
             raise ValueError(
                 f"Checkpoint {path} was written with teacher {state['teacher']!r}, this run uses {self.teacher.kind!r}."
             )
