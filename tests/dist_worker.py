@@ -128,7 +128,9 @@ def main() -> None:
     if mode != "replay":
         torch.save(record, out / f"rollouts-rank{rank}.pt")
     if trainer.runtime.is_main:
-        torch.save({"policy": policy, "teacher": teacher}, out / f"final-{mode}.pt")
+        tmp = out / f"final-{mode}.pt.tmp"  # whole or absent: the test reads its presence
+        torch.save({"policy": policy, "teacher": teacher}, tmp)
+        tmp.replace(out / f"final-{mode}.pt")
     trainer.runtime.close()
 
 

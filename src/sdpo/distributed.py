@@ -373,8 +373,13 @@ class Runtime:
             dist.barrier()
 
     def close(self) -> None:
-        """Leave the process group (when this runtime joined it)."""
+        """Leave the process group (when this runtime joined it).
+
+        A barrier first: with gloo it also waits for every collective still queued on this rank
+        (FSDP2 issues some asynchronously), so no rank tears the group down under another's work.
+        """
         if self.distributed and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 
