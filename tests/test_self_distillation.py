@@ -611,3 +611,31 @@ def test_empty_mask_gives_connected_zero_loss():
     loss.backward()
     torch.testing.assert_close(divergence.grad, torch.zeros(2, 3))
     assert metrics == {"divergence_mean": 0.0, "distilled_tokens": 0.0, "is_ratio_mean": 1.0}
+
+
+@pytest.mark.parametrize("topk", [None, 3])
+def test_policy_terms_entropy_with_masked_vocabulary_matches_float64(topk):
+    """A ``−inf`` logit (masked entry) has ``p = 0`` and adds ``0·log 0 = 0`` to the entropy."""
+    torch.manual_seed(0)
+    n, h, v = 6, 8, 12
+    hidden, weight = torch.randn(n, h), torch.randn(v, h)
+    bias = torch.zeros(v)
+    bias[[2, 7, 11]] = float("-inf")
+    ids = torch.tensor([0, 1, 3, 4, 5, 6])
+    out = policy_terms(
+        hidden,
+        weight,
+        ids,
+        lm_head_bias=bias,
+        teacher_hidden=torch.randn(n, h),
+        teacher_weight=weight,
+        teacher_bias=bias,
+        distill_mask=torch.ones(n, dtype=torch.bool),
+        topk=topk,
+        chunk_size=4,
+    )
+    z = hidden.double() @ weight.double().T
+    keep = torch.isfinite(bias)
+    logp = torch.log_softmax(z[:, keep], dim=-1)
+    want = -(logp.exp() * logp).sum(-1)
+    torch.testing.assert_close(out["entropy"].double(), want, rtol=1e-5, atol=1e-6)

@@ -487,8 +487,9 @@ class _HeadTerms(torch.autograd.Function):
             saved += [distilled, support, s[:, :k].exp(), u[:, :k], base, tail_prob, tail_coef]
         if teacher_lse is None and teacher_logits is not None:
             teacher_lse = teacher_logits.logsumexp(-1)  # only when nothing is distilled
-        # Σ p·z with 0·(−inf) = 0 at masked (−inf) logits.
-        entropy = lse - torch.nansum(probs.mul_(logits), -1)
+        # Σ p·z with 0·(−inf) = 0 at masked (−inf) logits; in place (torch.nansum would
+        # allocate a full [n, V] copy and a mask: +190 MB at n = 1024, V = 32,768).
+        entropy = lse - probs.mul_(logits).nan_to_num_(nan=0.0).sum(-1)
         del probs
         ctx.save_for_backward(*saved)
         teacher_lse = logits.new_zeros(0) if teacher_lse is None else teacher_lse
