@@ -110,14 +110,15 @@ class SDPOTrainer:
         self.callbacks = list(callbacks or [])
 
         sd, pg = config.self_distillation, config.policy_gradient
+        self.distills = sd.distillation_weight > 0  # False: GRPO, no teacher is ever run
         needs_reference = pg.kl_penalty_weight > 0 or (
-            sd.distillation_weight > 0 and sd.teacher in ("frozen", "trust_region")
+            self.distills and sd.teacher in ("frozen", "trust_region")
         )
         self.runtime.prepare_policy(policy_model.model)
         lora.attach(policy_model, config.model.lora)
         self.reference = reference_weights(policy_model) if needs_reference else None
         # A run that does not distill (GRPO) has no use for a teacher: no EMA copy, no updates.
-        teacher_kind = sd.teacher if sd.distillation_weight > 0 else "live"
+        teacher_kind = sd.teacher if self.distills else "live"
         self.teacher = Teacher(teacher_kind, policy_model, sd.teacher_update_rate, self.reference)
         self.reprompter = Reprompter(sd, tokenizer=policy_model.tokenizer, seed=run.seed)
         self.runtime.shard(policy_model.model, self.teacher.copy, _module(self.reference))
@@ -131,7 +132,7 @@ class SDPOTrainer:
             max_prompt_length=config.model.max_prompt_length,
             dtype=self.runtime.compute_dtype,
         )
-        self.health = HealthMonitor(config.health, distillation=sd.distillation_weight > 0)
+        self.health = HealthMonitor(config.health, distillation=self.distills)
         check_trackers(run.report_to)  # a missing tracker package fails here, not after loading
         self.tracker: ExperimentTracker | None = None
 
@@ -258,7 +259,7 @@ class SDPOTrainer:
 
     def reprompt(self, rollouts: RolloutBatch) -> list[TeacherContext | None]:
         """Teacher contexts (SPEC §3): a successful sibling and/or this rollout's feedback."""
-        if self.config.self_distillation.distillation_weight == 0:
+        if not self.distills:
             self.reprompter.last_stats = {}
             return [None] * len(rollouts)
         return self.reprompter.build(
@@ -374,9 +375,9 @@ class SDPOTrainer:
         distilled_rows = [j for j, i in enumerate(idx.tolist()) if i in teacher_prompts]
         teacher_hidden = teacher_weight = teacher_bias = None
         distill_mask = torch.zeros_like(mask)
-        if not distilled_rows and sd.distillation_weight > 0 and self.runtime.lockstep:
+        if not distilled_rows and self.distills and self.runtime.lockstep:
             self.teacher.hidden(*self._lockstep_dummy(rollouts, idx))  # same passes on every rank
-        if distilled_rows and sd.distillation_weight > 0:
+        if distilled_rows and self.distills:
             sub = torch.tensor(distilled_rows, device=mask.device)
             t_ids, t_mask = self.policy.pad_left(
                 [teacher_prompts[int(idx[j])] for j in distilled_rows]
@@ -914,8 +915,7 @@ class SDPOTrainer:
             self.optimizer.load_state_dict(objects["optimizer"])
         if self.runtime.distributed:
             objects = self.runtime.own_share(objects, ("rng", "reprompter_rng"), path)
-        distills = self.config.self_distillation.distillation_weight > 0
-        if distills and state.get("teacher", self.teacher.kind) != self.teacher.kind:
+        if self.distills and state.get("teacher", self.teacher.kind) != self.teacher.kind:
             raise ValueError(
                 f"Checkpoint {path} was written with teacher {state['teacher']!r}, this run uses {self.teacher.kind!r}."
             )
