@@ -49,3 +49,10 @@ def tiny_llama():
 @pytest.fixture
 def tiny_gpt2():
     return make_tiny_gpt2()
+
+
+def scored_batch(trainer):
+    """One generated, scored batch and its teacher contexts: ``(rollouts, contexts)``."""
+    rollouts = trainer.generate(trainer.train_data.next_batch())
+    trainer.score(rollouts)
+    return rollouts, trainer.reprompt(rollouts)

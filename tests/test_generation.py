@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from conftest import scored_batch
 
 from sdpo import PolicyModel, SDPOConfig, SDPOTrainer
 from sdpo.generation import (
@@ -263,9 +264,7 @@ def test_trainer_weights_pg_and_distillation_by_the_mismatch(tmp_path, level, ri
     # Reported at T = 0.4 vs trained at 1: confident tokens get weights well below 1, unlikely ones
     # hit the cap (both regimes, asserted below).
     trainer.generator = TemperedLogprobBackend(policy, config.generation, report_temperature=0.4)
-    rollouts = trainer.generate(trainer.train_data.next_batch())
-    trainer.score(rollouts)
-    contexts = trainer.reprompt(rollouts)
+    rollouts, contexts = scored_batch(trainer)
     assert any(c is not None for c in contexts)
     prepared = trainer.prepare(rollouts, contexts)
     trainer.optimizer.zero_grad(set_to_none=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, scored_batch
 
 from sdpo import PolicyModel, SDPOConfig, SDPOTrainer
 
@@ -42,12 +42,6 @@ def _trainer(tmp_path, dtype="float32", seed=0, **overrides) -> SDPOTrainer:
     )
 
 
-def _batch(trainer: SDPOTrainer):
-    rollouts = trainer.generate(trainer.train_data.next_batch())
-    trainer.score(rollouts)
-    return rollouts, trainer.reprompt(rollouts)
-
-
 def test_bf16_compute_keeps_fp32_master_weights_and_small_updates(tmp_path):
     beta = 0.01
     trainer = _trainer(
@@ -78,7 +72,7 @@ def test_bf16_compute_keeps_fp32_master_weights_and_small_updates(tmp_path):
 def test_bf16_autocast_loss_is_close_to_fp32_loss(tmp_path):
     fp32 = _trainer(tmp_path / "a", dtype="float32")
     bf16 = _trainer(tmp_path / "b", dtype="bfloat16")
-    rollouts, contexts = _batch(fp32)
+    rollouts, contexts = scored_batch(fp32)
     assert any(c is not None for c in contexts)
     losses = {}
     for name, trainer in (("fp32", fp32), ("bf16", bf16)):
@@ -110,7 +104,7 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(tmp_path):
     plain = _trainer(tmp_path / "a")
     ckpt = _trainer(tmp_path / "b", model__gradient_checkpointing=True)
     assert any(getattr(m, "gradient_checkpointing", False) for m in ckpt.policy.model.modules())
-    rollouts, contexts = _batch(plain)
+    rollouts, contexts = scored_batch(plain)
     out = {}
     for name, trainer in (("plain", plain), ("ckpt", ckpt)):
         trainer.policy.model.train()
@@ -129,7 +123,7 @@ def test_eager_and_sdpa_attention_give_the_same_loss(tmp_path):
     sdpa = _trainer(tmp_path / "a")
     eager = _trainer(tmp_path / "b", model__attn_implementation="eager")
     assert eager.policy.model.config._attn_implementation == "eager"
-    rollouts, contexts = _batch(sdpa)
+    rollouts, contexts = scored_batch(sdpa)
     losses = []
     for trainer in (sdpa, eager):
         prepared = trainer.prepare(rollouts, contexts)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_gpt2, make_tiny_llama
+from conftest import make_tiny_gpt2, make_tiny_llama, scored_batch
 
 from sdpo import PolicyModel, SDPOConfig, SDPOTrainer
 
@@ -54,12 +54,6 @@ def _trainer(tmp_path, arch="llama", train_mode=True, **overrides) -> SDPOTraine
     )
 
 
-def _batch(trainer: SDPOTrainer):
-    rollouts = trainer.generate(trainer.train_data.next_batch())
-    trainer.score(rollouts)
-    return rollouts, trainer.reprompt(rollouts)
-
-
 def _loss(trainer: SDPOTrainer, rollouts, contexts):
     prepared = trainer.prepare(rollouts, contexts)
     trainer.policy.model.zero_grad(set_to_none=True)
@@ -73,7 +67,7 @@ def _loss(trainer: SDPOTrainer, rollouts, contexts):
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_dropout_off_old_and_new_logprobs_agree(tmp_path, arch):
     trainer = _trainer(tmp_path, arch)
-    rollouts, contexts = _batch(trainer)
+    rollouts, contexts = scored_batch(trainer)
     assert any(c is not None for c in contexts)
     torch.manual_seed(1)
     first = trainer._old_logprobs(rollouts)
@@ -88,7 +82,7 @@ def test_dropout_off_old_and_new_logprobs_agree(tmp_path, arch):
 def test_model_passed_in_eval_mode_trains_like_one_in_train_mode(tmp_path, arch):
     train = _trainer(tmp_path / "a", arch, train_mode=True)
     evalm = _trainer(tmp_path / "b", arch, train_mode=False)
-    rollouts, contexts = _batch(train)
+    rollouts, contexts = scored_batch(train)
     a, ga = _loss(train, rollouts, contexts)
     b, gb = _loss(evalm, rollouts, contexts)
     assert a == b
@@ -111,7 +105,7 @@ def test_gradient_checkpointing_still_runs_without_dropout(tmp_path):
             return _inner(*args, **kwargs)
 
         layer._gradient_checkpointing_func = counted
-    rollouts, contexts = _batch(plain)
+    rollouts, contexts = scored_batch(plain)
     a, ga = _loss(plain, rollouts, contexts)
     b, gb = _loss(ckpt, rollouts, contexts)
     assert calls, "no layer was checkpointed"
@@ -123,7 +117,7 @@ def test_gradient_checkpointing_still_runs_without_dropout(tmp_path):
 
 def test_model_dropout_true_keeps_dropout(tmp_path):
     trainer = _trainer(tmp_path, model__dropout=True)
-    rollouts, _ = _batch(trainer)
+    rollouts, _ = scored_batch(trainer)
     torch.manual_seed(1)
     first = trainer._old_logprobs(rollouts)
     torch.manual_seed(2)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, scored_batch
 
 from sdpo import PolicyModel, SDPOConfig, SDPOTrainer
 from sdpo.reward_model import RewardOutput
@@ -109,9 +109,7 @@ def test_gradients_do_not_depend_on_micro_batch_size(tmp_path, teacher):
         reward_model=one_success_per_group,
         train_dataloader=ROWS,
     )
-    rollouts = trainer.generate(trainer.train_data.next_batch())
-    trainer.score(rollouts)
-    contexts = trainer.reprompt(rollouts)
+    rollouts, contexts = scored_batch(trainer)
     assert any(c is not None for c in contexts) and any(c is None for c in contexts)
     prepared = trainer.prepare(rollouts, contexts)
     grads = {}
@@ -383,9 +381,7 @@ def test_dr_grpo_divides_by_the_generation_budget_not_the_batch_width(tmp_path):
         reward_model=one_success_per_group,
         train_dataloader=ROWS,
     )
-    rollouts = trainer.generate(trainer.train_data.next_batch())
-    trainer.score(rollouts)
-    contexts = trainer.reprompt(rollouts)
+    rollouts, contexts = scored_batch(trainer)
     pad = torch.full((len(rollouts), 20), tok.pad_token_id, dtype=torch.long)
     padded = dataclasses.replace(
         rollouts,
