@@ -56,3 +56,57 @@ def scored_batch(trainer):
     rollouts = trainer.generate(trainer.train_data.next_batch())
     trainer.score(rollouts)
     return rollouts, trainer.reprompt(rollouts)
+
+
+ROWS = [
+    {"prompt": f"Q: {a}+{b}=", "answer": str(a + b)} for a in range(10, 14) for b in range(20, 24)
+]
+
+
+def parity_reward(prompts, completions, **columns):
+    """Deterministic, about half successes: parity of the character codes."""
+    return [float(sum(map(ord, c)) % 2 == 0) for c in completions]
+
+
+def one_success_per_group(prompts, completions, **columns):
+    """Exactly one success per group of 4: it has no demonstration, its siblings do."""
+    return [float(i % 4 == 0) for i in range(len(completions))]
+
+
+TRAINER_DEFAULTS = dict(
+    num_samples_per_prompt=4,
+    generation__max_new_tokens=6,
+    optimization__prompts_per_step=2,
+    optimization__micro_batch_size=8,
+    optimization__learning_rate=1e-3,
+    run__max_steps=2,
+    run__progress_bar=False,
+    run__sample_log_steps=1,
+)
+
+
+def make_trainer(
+    run_dir,
+    *,
+    reward=parity_reward,
+    rows=ROWS,
+    eval_rows=None,
+    policy=None,
+    defaults=TRAINER_DEFAULTS,
+    **overrides,
+):
+    """The one trainer factory of the suite: a tiny Llama (seed 0) unless ``policy`` is given;
+    ``defaults`` (a test module's own base settings) updated by ``overrides``; output in ``run_dir``."""
+    from sdpo import PolicyModel, SDPOConfig, SDPOTrainer
+
+    config = SDPOConfig(**{**defaults, "run__output_dir": str(run_dir), **overrides})
+    if policy is None:
+        model, tok = make_tiny_llama()
+        policy = PolicyModel(model=model, tokenizer=tok)
+    return SDPOTrainer(
+        config=config,
+        policy_model=policy,
+        reward_model=reward,
+        train_dataloader=rows,
+        eval_dataloader=eval_rows,
+    )

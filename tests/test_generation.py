@@ -266,9 +266,9 @@ def test_trainer_weights_pg_and_distillation_by_the_mismatch(tmp_path, level, ri
     trainer.generator = TemperedLogprobBackend(policy, config.generation, report_temperature=0.4)
     rollouts, contexts = scored_batch(trainer)
     assert any(c is not None for c in contexts)
-    prepared = trainer.prepare(rollouts, contexts)
+    prepared = trainer.loss.prepare(rollouts, contexts)
     trainer.optimizer.zero_grad(set_to_none=True)
-    sums = trainer.accumulate_gradients(rollouts, prepared)
+    sums = trainer.loss.backward(rollouts, prepared)
     grads = {n: p.grad.clone() for n, p in policy.model.named_parameters()}
 
     reference = ReferenceLoss(policy, rollouts, contexts)
@@ -277,9 +277,9 @@ def test_trainer_weights_pg_and_distillation_by_the_mismatch(tmp_path, level, ri
         assert not _close(grads, reference.gradients(other), 1e-2)
 
     # The step's metrics: |logπ_train − logπ_sampler| and the weights, over all tokens.
-    metrics = trainer._loss_metrics(sums, prepared["counts"])
+    metrics = trainer.loss.metrics(sums, prepared.counts)
     mask = rollouts.completion_mask.bool()
-    train_lp = trainer._old_logprobs(rollouts)
+    train_lp = trainer.loss.old_logprobs(rollouts)
     diff = (train_lp - rollouts.sampler_logprobs)[mask].abs()
     assert metrics["sampling/logprob_diff_mean"] == pytest.approx(float(diff.mean()), rel=1e-4)
     assert metrics["sampling/logprob_diff_max"] == pytest.approx(float(diff.max()), rel=1e-4)

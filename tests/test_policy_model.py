@@ -269,7 +269,7 @@ def test_training_logprobs_apply_the_models_logit_scaling(family, tmp_path):
         prompts, prompt_ids, prompt_mask, completion_ids, completion_mask, ["", ""],
         torch.tensor([0, 1]), [{}, {}],
     )  # fmt: skip
-    got = trainer._old_logprobs(rollouts)
+    got = trainer.loss.old_logprobs(rollouts)
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
     mask = torch.cat([prompt_mask, completion_mask], dim=1)
     with torch.no_grad():

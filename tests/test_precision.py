@@ -76,9 +76,9 @@ def test_bf16_autocast_loss_is_close_to_fp32_loss(tmp_path):
     assert any(c is not None for c in contexts)
     losses = {}
     for name, trainer in (("fp32", fp32), ("bf16", bf16)):
-        prepared = trainer.prepare(rollouts, contexts)
-        sums = trainer.accumulate_gradients(rollouts, prepared)
-        losses[name] = trainer._loss_metrics(sums, prepared["counts"])
+        prepared = trainer.loss.prepare(rollouts, contexts)
+        sums = trainer.loss.backward(rollouts, prepared)
+        losses[name] = trainer.loss.metrics(sums, prepared.counts)
     # bf16 keeps 8 significant bits (relative rounding 2^-9 ≈ 0.2% per op); through the backbone
     # the hidden states drift by about 1%, and the loss — a difference of log-probs — by a few
     # percent of its own size. The LM head itself runs in fp32.
@@ -108,10 +108,10 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(tmp_path):
     out = {}
     for name, trainer in (("plain", plain), ("ckpt", ckpt)):
         trainer.policy.model.train()
-        prepared = trainer.prepare(rollouts, contexts)
+        prepared = trainer.loss.prepare(rollouts, contexts)
         trainer.policy.model.zero_grad(set_to_none=True)
-        sums = trainer.accumulate_gradients(rollouts, prepared)
-        out[name] = (trainer._loss_metrics(sums, prepared["counts"]), _grads(trainer.policy.model))
+        sums = trainer.loss.backward(rollouts, prepared)
+        out[name] = (trainer.loss.metrics(sums, prepared.counts), _grads(trainer.policy.model))
     for key in ("loss", "policy_loss", "self_distillation/distillation_loss"):
         assert out["ckpt"][0][key] == pytest.approx(out["plain"][0][key], rel=1e-5, abs=1e-7), key
     assert out["plain"][1].keys() == out["ckpt"][1].keys()
@@ -126,7 +126,7 @@ def test_eager_and_sdpa_attention_give_the_same_loss(tmp_path):
     rollouts, contexts = scored_batch(sdpa)
     losses = []
     for trainer in (sdpa, eager):
-        prepared = trainer.prepare(rollouts, contexts)
-        sums = trainer.accumulate_gradients(rollouts, prepared)
-        losses.append(trainer._loss_metrics(sums, prepared["counts"])["loss"])
+        prepared = trainer.loss.prepare(rollouts, contexts)
+        sums = trainer.loss.backward(rollouts, prepared)
+        losses.append(trainer.loss.metrics(sums, prepared.counts)["loss"])
     assert losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-6)

@@ -55,13 +55,13 @@ def _trainer(tmp_path, arch="llama", train_mode=True, **overrides) -> SDPOTraine
 
 
 def _loss(trainer: SDPOTrainer, rollouts, contexts):
-    prepared = trainer.prepare(rollouts, contexts)
+    prepared = trainer.loss.prepare(rollouts, contexts)
     trainer.policy.model.zero_grad(set_to_none=True)
-    sums = trainer.accumulate_gradients(rollouts, prepared)
+    sums = trainer.loss.backward(rollouts, prepared)
     grads = {
         n: p.grad.clone() for n, p in trainer.policy.model.named_parameters() if p.grad is not None
     }
-    return trainer._loss_metrics(sums, prepared["counts"]), grads
+    return trainer.loss.metrics(sums, prepared.counts), grads
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -70,9 +70,9 @@ def test_dropout_off_old_and_new_logprobs_agree(tmp_path, arch):
     rollouts, contexts = scored_batch(trainer)
     assert any(c is not None for c in contexts)
     torch.manual_seed(1)
-    first = trainer._old_logprobs(rollouts)
+    first = trainer.loss.old_logprobs(rollouts)
     torch.manual_seed(2)
-    assert torch.equal(trainer._old_logprobs(rollouts), first)
+    assert torch.equal(trainer.loss.old_logprobs(rollouts), first)
     metrics, _ = _loss(trainer, rollouts, contexts)  # the first reuse: old log-probs vs new
     assert metrics["self_distillation/is_ratio_mean"] == pytest.approx(1.0, abs=1e-6)
     assert trainer.policy.model.training  # train mode, only the dropout is off
@@ -119,6 +119,6 @@ def test_model_dropout_true_keeps_dropout(tmp_path):
     trainer = _trainer(tmp_path, model__dropout=True)
     rollouts, _ = scored_batch(trainer)
     torch.manual_seed(1)
-    first = trainer._old_logprobs(rollouts)
+    first = trainer.loss.old_logprobs(rollouts)
     torch.manual_seed(2)
-    assert not torch.equal(trainer._old_logprobs(rollouts), first)
+    assert not torch.equal(trainer.loss.old_logprobs(rollouts), first)

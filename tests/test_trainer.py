@@ -111,12 +111,12 @@ def test_gradients_do_not_depend_on_micro_batch_size(tmp_path, teacher):
     )
     rollouts, contexts = scored_batch(trainer)
     assert any(c is not None for c in contexts) and any(c is None for c in contexts)
-    prepared = trainer.prepare(rollouts, contexts)
+    prepared = trainer.loss.prepare(rollouts, contexts)
     grads = {}
     for mb in (len(rollouts), 3, 1):
         trainer.config.optimization.micro_batch_size = mb
         model.zero_grad(set_to_none=True)
-        sums = trainer.accumulate_gradients(rollouts, prepared)
+        sums = trainer.loss.backward(rollouts, prepared)
         assert sums is not None
         grads[mb] = _grads(model)
     assert grads[1].keys() == grads[len(rollouts)].keys() and grads[1]
@@ -231,7 +231,7 @@ def test_feedback_from_reward_model_reaches_teacher_prompt(tmp_path, tiny_llama)
 
 
 def test_nonfinite_loss_skips_then_stops(tmp_path, tiny_llama, monkeypatch):
-    import sdpo.trainer as trainer_module
+    import sdpo.loss as loss_module
     from sdpo.trainer import NonFiniteLossError
 
     model, tok = tiny_llama
@@ -242,14 +242,14 @@ def test_nonfinite_loss_skips_then_stops(tmp_path, tiny_llama, monkeypatch):
         reward_model=parity_reward,
         train_dataloader=ROWS,
     )
-    real = trainer_module.policy_terms
+    real = loss_module.policy_terms
 
     def poisoned(*args, **kwargs):  # NaN reaches the loss through the real computation
         out = real(*args, **kwargs)
         out["logprobs"] = out["logprobs"] * float("nan")
         return out
 
-    monkeypatch.setattr(trainer_module, "policy_terms", poisoned)
+    monkeypatch.setattr(loss_module, "policy_terms", poisoned)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.warns(UserWarning, match="non-finite"):
         trainer.step()
@@ -390,10 +390,10 @@ def test_dr_grpo_divides_by_the_generation_budget_not_the_batch_width(tmp_path):
     )
     grads = []
     for batch in (rollouts, padded):
-        prepared = trainer.prepare(batch, contexts)
+        prepared = trainer.loss.prepare(batch, contexts)
         assert prepared["counts"]["max_completion_length"] == config.generation.max_new_tokens
         model.zero_grad(set_to_none=True)
-        assert trainer.accumulate_gradients(batch, prepared) is not None
+        assert trainer.loss.backward(batch, prepared) is not None
         grads.append(_grads(model))
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-7, msg=name)
@@ -402,7 +402,7 @@ def test_dr_grpo_divides_by_the_generation_budget_not_the_batch_width(tmp_path):
 def test_nonfinite_gradient_with_finite_loss_is_skipped_and_counted(tmp_path, monkeypatch):
     """A NaN in one row of the LM-head gradient (the loss stays finite): no optimizer step, no EMA
     teacher update, the counter moves, and the bounded-skip rule still stops the run."""
-    import sdpo.trainer as trainer_module
+    import sdpo.loss as loss_module
     from sdpo.trainer import NonFiniteLossError
 
     model, tok = make_tiny_llama()
@@ -413,7 +413,7 @@ def test_nonfinite_gradient_with_finite_loss_is_skipped_and_counted(tmp_path, mo
         reward_model=parity_reward,
         train_dataloader=ROWS,
     )
-    real = trainer_module.policy_terms
+    real = loss_module.policy_terms
 
     def poison_row(grad):
         grad = grad.clone()
@@ -426,7 +426,7 @@ def test_nonfinite_gradient_with_finite_loss_is_skipped_and_counted(tmp_path, mo
             out["logprobs"].register_hook(poison_row)
         return out
 
-    monkeypatch.setattr(trainer_module, "policy_terms", poisoned)
+    monkeypatch.setattr(loss_module, "policy_terms", poisoned)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     teacher_before = {k: v.clone() for k, v in trainer.teacher.copy.state_dict().items()}
     with pytest.warns(UserWarning, match="non-finite gradient norm"):

@@ -134,7 +134,7 @@ def _sampler_vs_trainer_gap(trainer) -> float:
     """Largest |logπ_vllm − logπ_trainer| over the tokens of fresh vLLM completions."""
     torch.manual_seed(1)
     rollouts = trainer.generate(ROWS)
-    train = trainer._old_logprobs(rollouts)
+    train = trainer.loss.old_logprobs(rollouts)
     mask = rollouts.completion_mask.bool()
     return float((train - rollouts.sampler_logprobs)[mask].abs().max())
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import operator
 import signal
 import sys
 import time
@@ -34,21 +33,10 @@ from sdpo.data import PromptSource, load_rows
 from sdpo.distributed import Runtime
 from sdpo.evaluation import evaluate_policy
 from sdpo.export import model_card, save_pretrained_dir
-from sdpo.generation import (
-    GenerationBackend,
-    build_backend,
-    mismatch_stats,
-    mismatch_weights,
-)
+from sdpo.generation import GenerationBackend, build_backend
 from sdpo.health import HealthMonitor
-from sdpo.policy_gradient import (
-    aggregate_loss,
-    clip_fraction,
-    clipped_surrogate,
-    grpo_advantages,
-    k3_kl,
-)
-from sdpo.policy_model import PolicyModel, RolloutBatch, completion_id_lists, output_head
+from sdpo.loss import SDPOLoss
+from sdpo.policy_model import PolicyModel, RolloutBatch, completion_id_lists
 from sdpo.reprompting import Reprompter, TeacherContext
 from sdpo.reward_model import (
     RewardFunctionError,
@@ -57,7 +45,6 @@ from sdpo.reward_model import (
     cap_feedback,
 )
 from sdpo.run_dir import RunDirectory
-from sdpo.self_distillation import importance_weights, policy_terms, self_distillation_loss
 from sdpo.sharded_checkpoint import load_sharded, save_sharded
 from sdpo.teacher import Teacher, reference_weights
 from sdpo.tracking import ExperimentTracker, check_trackers
@@ -122,6 +109,7 @@ class SDPOTrainer:
         self.teacher = Teacher(teacher_kind, policy_model, sd.teacher_update_rate, self.reference)
         self.reprompter = Reprompter(sd, tokenizer=policy_model.tokenizer, seed=run.seed)
         self.runtime.shard(policy_model.model, self.teacher.copy, _module(self.reference))
+        self.loss = SDPOLoss(self.config, policy_model, self.teacher, self.reference, self.runtime)
         policy_model.device = self.runtime.device
         policy_model.share_prompts = not self.runtime.lockstep
         self.optimizer, self.scheduler = self._build_optimizer()
@@ -274,11 +262,11 @@ class SDPOTrainer:
         self, rollouts: RolloutBatch, contexts: list[TeacherContext | None]
     ) -> dict[str, float]:
         """Forward -> loss -> backward over micro-batches, then optimizer and teacher updates."""
-        prepared = self.prepare(rollouts, contexts)
+        prepared = self.loss.prepare(rollouts, contexts)
         metrics: dict[str, float] = {}
         for _ in range(self.config.optimization.updates_per_batch):
             self.optimizer.zero_grad(set_to_none=True)
-            sums = self.accumulate_gradients(rollouts, prepared)
+            sums = self.loss.backward(rollouts, prepared)
             if self.runtime.all_reduce({"bad": float(sums is None)})["bad"]:
                 self._skip_nonfinite_step("loss")
                 return {"loss": float("nan")}
@@ -293,272 +281,9 @@ class SDPOTrainer:
             self.scheduler.step()
             self.teacher.update()
             self.generator.sync_weights()
-            metrics = self._loss_metrics(sums, prepared["counts"])
+            metrics = self.loss.metrics(sums, prepared.counts)
             metrics["grad_norm"] = grad_norm
         return metrics
-
-    def prepare(
-        self, rollouts: RolloutBatch, contexts: list[TeacherContext | None]
-    ) -> dict[str, Any]:
-        """Whole-step quantities: advantages, teacher prompt ids, normalizing counts, old log-probs."""
-        device = self.policy.device
-        pg = self.config.policy_gradient
-        advantages = grpo_advantages(
-            rollouts.rewards, rollouts.group_ids, scale_rewards=pg.scale_rewards
-        ).to(device)
-        has_teacher = torch.tensor([c is not None for c in contexts], device=device)
-        mask = rollouts.completion_mask
-        counts = self.runtime.all_reduce(  # over every rank: the global batch's counts
-            {
-                "num_tokens": float(mask.sum()),
-                "num_sequences": float(len(rollouts)),
-                "num_distilled": float(mask[has_teacher].sum()),
-            }
-        )
-        # Dr. GRPO's constant: the generation budget, not this batch's longest completion.
-        counts["max_completion_length"] = self.config.generation.max_new_tokens
-        reuse = self.config.optimization.updates_per_batch > 1
-        return {
-            "advantages": advantages,
-            "teacher_prompts": self._teacher_prompt_ids(contexts),
-            "counts": counts,
-            "old_logprobs": self._old_logprobs(rollouts) if reuse else None,
-        }
-
-    def accumulate_gradients(
-        self, rollouts: RolloutBatch, prepared: dict[str, Any]
-    ) -> dict[str, float] | None:
-        """Backward of the step's loss, micro-batch by micro-batch; None if the loss was non-finite."""
-        sums: dict[str, float] = {}
-        finite = True
-        for idx in torch.arange(len(rollouts)).split(self.config.optimization.micro_batch_size):
-            with self.runtime.autocast():
-                loss, parts = self._micro_batch_loss(
-                    rollouts,
-                    idx,
-                    prepared["advantages"],
-                    prepared["teacher_prompts"],
-                    prepared["old_logprobs"],
-                    prepared["counts"],
-                )
-            if not torch.isfinite(loss):
-                if not self.runtime.lockstep:
-                    return None
-                finite = False  # fsdp: keep the passes in step; the update is skipped after
-            if loss.requires_grad:  # no term had a signal (e.g. pure SDPO, no teacher context)
-                loss.backward()
-            for k, v in parts.items():
-                combine = max if k.endswith("_max") else min if k.endswith("_min") else operator.add
-                sums[k] = combine(sums[k], v) if k in sums else v
-        return sums if finite else None
-
-    # ----- loss pieces ------------------------------------------------------------------------
-
-    def _micro_batch_loss(
-        self,
-        rollouts: RolloutBatch,
-        idx: Tensor,
-        advantages: Tensor,
-        teacher_prompts: dict[int, list[int]],
-        old_logprobs: Tensor | None,
-        counts: dict[str, float],
-    ) -> tuple[Tensor, dict[str, float]]:
-        """Loss of rows ``idx`` scaled by whole-step counts; also sums for the step's metrics."""
-        cfg, sd, pg = self.config, self.config.self_distillation, self.config.policy_gradient
-        c_ids, c_mask = rollouts.completion_ids[idx], rollouts.completion_mask[idx]
-        mask = c_mask.bool()
-        hidden = self.policy.completion_hidden(
-            rollouts.prompt_ids[idx], rollouts.prompt_mask[idx], c_ids, c_mask
-        )
-        head = self.policy.lm_head
-
-        distilled_rows = [j for j, i in enumerate(idx.tolist()) if i in teacher_prompts]
-        teacher_hidden = teacher_weight = teacher_bias = None
-        distill_mask = torch.zeros_like(mask)
-        if not distilled_rows and self.distills and self.runtime.lockstep:
-            self.teacher.hidden(*self._lockstep_dummy(rollouts, idx))  # same passes on every rank
-        if distilled_rows and self.distills:
-            sub = torch.tensor(distilled_rows, device=mask.device)
-            t_ids, t_mask = self.policy.pad_left(
-                [teacher_prompts[int(idx[j])] for j in distilled_rows]
-            )
-            t_hidden, teacher_weight, teacher_bias = self.teacher.hidden(
-                t_ids, t_mask, c_ids[sub], c_mask[sub]
-            )
-            teacher_hidden = torch.zeros(
-                *mask.shape, t_hidden.shape[-1], dtype=t_hidden.dtype, device=t_hidden.device
-            )
-            teacher_hidden[sub] = t_hidden
-            distill_mask[sub] = mask[sub]
-        terms = policy_terms(
-            hidden[mask],
-            head.weight,
-            c_ids[mask],
-            lm_head_bias=head.bias,
-            teacher_hidden=None if teacher_hidden is None else teacher_hidden[mask],
-            teacher_weight=teacher_weight,
-            teacher_bias=teacher_bias,
-            distill_mask=distill_mask[mask],
-            alpha=sd.alpha,
-            topk=sd.distillation_topk,
-            add_tail=sd.distillation_add_tail,
-            level=sd.distillation_level,
-            temperature=self.policy.head_temperature(cfg.generation.temperature),
-            chunk_size=sd.loss_chunk_size,
-        )
-        logprobs = _unflatten(terms["logprobs"], mask)
-        old = logprobs.detach() if old_logprobs is None else old_logprobs[idx]
-        loss = logprobs.new_zeros(())
-        if self.runtime.lockstep:  # every rank runs a backward through every block
-            loss = loss + 0.0 * hidden.sum()
-        parts: dict[str, float] = {"entropy_sum": float(terms["entropy"].sum())}
-        # Train/inference mismatch: the sampler's log-probs against the trainer's, same weights.
-        mismatch = None
-        if rollouts.sampler_logprobs is not None:
-            sampler = rollouts.sampler_logprobs[idx]
-            mismatch = mismatch_weights(
-                old, sampler, c_mask, level=cfg.generation.vllm_is_correction,
-                cap=cfg.generation.vllm_is_cap,
-            )  # fmt: skip
-            stats = mismatch_stats(old, sampler, mismatch, c_mask)
-            parts.update({f"sampling/{k}": v for k, v in stats.items()})
-        agg = dict(
-            num_tokens=counts["num_tokens"],
-            num_sequences=counts["num_sequences"],
-            max_completion_length=counts["max_completion_length"],
-        )
-
-        if pg.pg_loss_weight > 0:
-            per_token, clipped = clipped_surrogate(
-                logprobs, old, advantages[idx], eps_low=pg.clip_eps_low, eps_high=pg.clip_eps_high
-            )
-            if mismatch is not None:
-                per_token = per_token * mismatch
-            pg_loss = aggregate_loss(per_token, c_mask, pg.loss_aggregation, **agg)
-            loss = loss + pg.pg_loss_weight * pg_loss
-            parts["policy_loss"] = float(pg_loss.detach())
-            parts["clipped_tokens"] = clip_fraction(clipped, c_mask) * float(c_mask.sum())
-
-        if pg.kl_penalty_weight > 0:
-            with torch.no_grad(), self.reference.active() as reference:
-                ref_hidden = self.policy.completion_hidden(
-                    rollouts.prompt_ids[idx],
-                    rollouts.prompt_mask[idx],
-                    c_ids,
-                    c_mask,
-                    model=reference,
-                )
-                ref_head = output_head(reference)
-                ref_terms = policy_terms(
-                    ref_hidden[mask],
-                    ref_head.weight,
-                    c_ids[mask],
-                    lm_head_bias=ref_head.bias,
-                    temperature=self.policy.head_temperature(cfg.generation.temperature),
-                    chunk_size=sd.loss_chunk_size,
-                )
-            kl = aggregate_loss(
-                k3_kl(logprobs, _unflatten(ref_terms["logprobs"], mask)),
-                c_mask,
-                pg.loss_aggregation,
-                **agg,
-            )
-            loss = loss + pg.kl_penalty_weight * kl
-            parts["kl"] = float(kl.detach())
-
-        if teacher_hidden is not None:
-            dmask = distill_mask[mask]
-            is_w = None
-            if old_logprobs is not None:
-                is_w = importance_weights(terms["logprobs"], old[mask], sd.is_clip)
-            if mismatch is not None:
-                is_w = mismatch[mask] if is_w is None else is_w * mismatch[mask]
-            d_loss, d_metrics = self_distillation_loss(
-                terms["divergence"].unsqueeze(0),
-                dmask.unsqueeze(0),
-                is_weights=None if is_w is None else is_w.unsqueeze(0),
-                normalizer=max(counts["num_distilled"], 1.0),
-            )
-            loss = loss + sd.distillation_weight * d_loss
-            n_d = float(dmask.sum())
-            parts["distillation_loss"] = float(d_loss.detach())
-            parts["divergence_sum"] = d_metrics["divergence_mean"] * n_d
-            parts["is_ratio_sum"] = d_metrics["is_ratio_mean"] * n_d
-            parts["teacher_student_kl_sum"] = float(
-                (terms["logprobs"].detach() - terms["teacher_logprobs"])[dmask].sum()
-            )
-        return loss, parts
-
-    def _loss_metrics(self, sums: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
-        n_tok, n_d = max(counts["num_tokens"], 1.0), max(counts["num_distilled"], 1.0)
-        pg_w = self.config.policy_gradient
-        m = {"entropy": sums.get("entropy_sum", 0.0) / n_tok}
-        total = 0.0
-        if "policy_loss" in sums:
-            m["policy_loss"] = sums["policy_loss"]
-            m["clip_ratio"] = sums["clipped_tokens"] / n_tok
-            total += pg_w.pg_loss_weight * sums["policy_loss"]
-        if "kl" in sums:
-            m["kl"] = sums["kl"]
-            total += pg_w.kl_penalty_weight * sums["kl"]
-        d = sums.get("distillation_loss", 0.0)
-        m["self_distillation/distillation_loss"] = d
-        m["self_distillation/divergence_mean"] = sums.get("divergence_sum", 0.0) / n_d
-        m["self_distillation/teacher_student_kl"] = sums.get("teacher_student_kl_sum", 0.0) / n_d
-        m["self_distillation/is_ratio_mean"] = sums.get("is_ratio_sum", n_d) / n_d
-        m["self_distillation/distilled_token_fraction"] = counts["num_distilled"] / n_tok
-        if "sampling/tokens" in sums:
-            n_s = max(sums["sampling/tokens"], 1.0)
-            m["sampling/logprob_diff_mean"] = sums["sampling/logprob_diff_sum"] / n_s
-            m["sampling/logprob_diff_max"] = sums["sampling/logprob_diff_max"]
-            m["sampling/is_weight_mean"] = sums["sampling/is_weight_sum"] / n_s
-            m["sampling/is_weight_min"] = sums["sampling/is_weight_min"]
-        m["loss"] = total + self.config.self_distillation.distillation_weight * d
-        return m
-
-    @torch.no_grad()
-    def _old_logprobs(self, rollouts: RolloutBatch) -> Tensor:
-        """Log-probs of the sampled tokens under the weights that generated them (for reuse): ``[N, L]``.
-
-        Kept in float32, not the compute dtype: the LM-head terms are computed in float32 from
-        compute-dtype hidden states, and the new log-probs they are compared with are float32,
-        so a bfloat16 copy (8 significant bits) would put ~1% error into ``ρ = exp(new − old)``
-        and make ρ ≠ 1 at the first reuse. The cost is 4 bytes per completion token.
-        """
-        out = torch.zeros_like(rollouts.completion_mask, dtype=torch.float32)
-        head = self.policy.lm_head
-        for idx in torch.arange(len(rollouts)).split(self.config.optimization.micro_batch_size):
-            c_ids, c_mask = rollouts.completion_ids[idx], rollouts.completion_mask[idx]
-            mask = c_mask.bool()
-            with self.runtime.autocast():
-                h = self.policy.completion_hidden(
-                    rollouts.prompt_ids[idx], rollouts.prompt_mask[idx], c_ids, c_mask
-                )
-            lp = policy_terms(
-                h[mask],
-                head.weight,
-                c_ids[mask],
-                lm_head_bias=head.bias,
-                temperature=self.policy.head_temperature(self.config.generation.temperature),
-                chunk_size=self.config.self_distillation.loss_chunk_size,
-            )["logprobs"]
-            out[idx] = _unflatten(lp, mask).float()
-        return out
-
-    def _lockstep_dummy(self, rollouts: RolloutBatch, idx: Tensor) -> tuple[Tensor, ...]:
-        """One row's (prompt, completion) for a teacher pass whose result is not used."""
-        one = idx[:1]
-        return (
-            rollouts.prompt_ids[one],
-            rollouts.prompt_mask[one],
-            rollouts.completion_ids[one],
-            rollouts.completion_mask[one],
-        )
-
-    def _teacher_prompt_ids(self, contexts: list[TeacherContext | None]) -> dict[int, list[int]]:
-        return {
-            i: self.policy.encode_prompt(c.prompt) for i, c in enumerate(contexts) if c is not None
-        }
 
     def _clip_gradients(self) -> float:
         params = [p for p in self.policy.model.parameters() if p.grad is not None]
@@ -1005,12 +730,6 @@ def lr_schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:
 def _module(weights: Any) -> torch.nn.Module | None:
     """The model a :class:`~sdpo.teacher.Weights` owns (a frozen copy), if any."""
     return getattr(weights, "module", None)
-
-
-def _unflatten(values: Tensor, mask: Tensor) -> Tensor:
-    """Scatter per-token values ``[n]`` back to ``[B, L]`` at ``mask`` (zeros elsewhere)."""
-    out = values.new_zeros(mask.shape)
-    return out.masked_scatter(mask, values)
 
 
 def _progress(run: Any, start: int) -> Any:
