@@ -211,6 +211,11 @@ class SelfDistillationConfig:
     environment_feedback_only_without_solution: bool = _f(
         True, "Use feedback only when no demonstration is available."
     )
+    chat_earlier_turns: str = _f(
+        "drop",
+        "Chat prompts: the teacher sees the system messages and one user turn (the reprompted last user message), as the official code builds it; drop = earlier user/assistant turns are left out; fold = they are written into {prompt} as 'role: text' lines before the question (for turns a question needs). Keeping them as turns made 'the original question' point at a few-shot example.",
+        choices=("drop", "fold"),
+    )
     max_reprompt_len: int = _f(
         2048,
         "Token limit of the teacher prompt; demonstration/feedback are shortened first.",
