@@ -49,7 +49,8 @@ class LoraConfig:
     """LoRA (with PEFT, ``pip install 'sdpo[peft]'``): train a low-rank adapter on a frozen base.
 
     Field names follow PEFT's ``LoraConfig``. Teachers then cost one adapter, not one model: the
-    EMA teacher is a second adapter, the frozen teacher and the reference the base with adapters off.
+    EMA teacher is a second adapter, the frozen teacher and the reference the initial policy (the
+    base with adapters off, or a snapshot of a trained starting adapter).
     """
 
     r: int = _f(0, "LoRA rank; 0 = no adapter (every weight is trained).", min=0)
