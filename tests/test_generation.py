@@ -16,12 +16,14 @@ import torch
 from conftest import scored_batch
 
 from sdpo import PolicyModel, SDPOConfig, SDPOTrainer
+from sdpo.config import GenerationConfig
 from sdpo.generation import (
     Completions,
     HFBackend,
     build_backend,
     iter_full_weights,
     mismatch_weights,
+    vllm_logprobs_mode,
 )
 
 ROWS = [
@@ -82,6 +84,82 @@ def test_mismatch_weights_are_detached_and_reject_unknown_level():
     torch.testing.assert_close(w, torch.full((2, 3), math.exp(0.5)))
     with pytest.raises(ValueError, match="not one of"):
         mismatch_weights(train, train, torch.ones(2, 3), level="tokens")
+
+
+# ----- which log-probs vLLM reports (no engine needed: its two modes emulated in float64) --------
+
+
+def emulated_vllm_logprobs(logits, mode, temperature, top_k, top_p):
+    """vLLM's reported log-probs ``[n, V]`` from ``logits`` ``[n, V]`` (float64): ``raw_logprobs``
+    = log softmax(z), before temperature and filters; ``processed_logprobs`` = log softmax of
+    z / T over the tokens top-k then top-p keep (the smallest set whose sorted mass reaches p)."""
+    if mode == "raw_logprobs":
+        return logits.log_softmax(-1)
+    z = logits / temperature
+    keep = torch.zeros_like(z, dtype=torch.bool)
+    for i in range(z.shape[0]):
+        order = z[i].argsort(descending=True).tolist()
+        if top_k:
+            order = order[:top_k]
+        mass = 0.0
+        for j, pj in zip(order, z[i, order].softmax(-1).tolist(), strict=True):
+            keep[i, j] = True
+            mass += pj
+            if mass >= top_p:
+                break
+    return z.masked_fill(~keep, float("-inf")).log_softmax(-1)
+
+
+def _one_sampled_row(temperature, top_k, top_p, n=400, vocab=50):
+    """Logits of one n-token row, the tokens a truncated sampler drew, and the trainer's
+    log-probs (untruncated, at T) of them: the same weights on both sides."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(n, vocab, generator=g, dtype=torch.float64) * 3
+    probs = emulated_vllm_logprobs(logits, "processed_logprobs", temperature, top_k, top_p).exp()
+    tokens = torch.multinomial(probs, 1, generator=g)
+    train = (logits / temperature).log_softmax(-1).gather(-1, tokens)[:, 0]
+    return logits, tokens, train
+
+
+def _reported(logits, tokens, mode, temperature, top_k, top_p):
+    lp = emulated_vllm_logprobs(logits, mode, temperature, top_k, top_p)
+    return lp.gather(-1, tokens)[:, 0]
+
+
+@pytest.mark.parametrize(("top_k", "top_p"), [(0, 0.95), (20, 1.0), (20, 0.9)])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_identical_weights_give_weight_one_with_top_p_and_top_k(top_k, top_p, level):
+    # Audit R4: with the truncated (processed) log-probs, log π_train − log π_sampler = log Z_t < 0
+    # on every token even for identical weights; a 400-token row's sequence weight collapsed.
+    generation = GenerationConfig(top_p=top_p, top_k=top_k, vllm_is_correction=level)
+    mode = vllm_logprobs_mode(generation)
+    logits, tokens, train = _one_sampled_row(1.0, top_k, top_p)
+    sampler = _reported(logits, tokens, mode, 1.0, top_k, top_p)
+    mask = torch.ones(1, len(tokens), dtype=torch.bool)
+    w = mismatch_weights(train.float()[None], sampler.float()[None], mask, level=level)
+    torch.testing.assert_close(w, torch.ones_like(w), rtol=0, atol=1e-4)
+    # What the processed log-probs gave: every token scaled down by its kept mass.
+    processed = _reported(logits, tokens, "processed_logprobs", 1.0, top_k, top_p)
+    w_old = mismatch_weights(train.float()[None], processed.float()[None], mask, level=level)
+    assert float(w_old.min()) < 0.99
+
+
+def test_vllm_logprobs_mode_by_setting():
+    assert vllm_logprobs_mode(GenerationConfig(temperature=0.7)) == "processed_logprobs"
+    assert vllm_logprobs_mode(GenerationConfig(top_p=0.95)) == "raw_logprobs"
+    # No truncation at T != 1: the processed log-probs are the trainer's (weight 1).
+    logits, tokens, train = _one_sampled_row(0.7, 0, 1.0)
+    sampler = _reported(logits, tokens, "processed_logprobs", 0.7, 0, 1.0)
+    w = mismatch_weights(train[None], sampler[None], torch.ones(1, len(tokens)), level="sequence")
+    torch.testing.assert_close(w, torch.ones_like(w), rtol=0, atol=1e-9)
+    # Truncation at T != 1: no mode is right; refused unless the correction is off.
+    for level in ("token", "sequence"):
+        with pytest.raises(ValueError, match="vllm_is_correction = none"):
+            vllm_logprobs_mode(
+                GenerationConfig(temperature=0.7, top_p=0.95, vllm_is_correction=level)
+            )
+    none = GenerationConfig(temperature=0.7, top_k=20, vllm_is_correction="none")
+    assert vllm_logprobs_mode(none) == "processed_logprobs"
 
 
 # ----- backends --------------------------------------------------------------------------------

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import random
+from pathlib import Path
 
 import pytest
+import torch
 
-from sdpo.config import SelfDistillationConfig
+from sdpo.config import SDPOConfig, SelfDistillationConfig
 from sdpo.demo import build_char_tokenizer
 from sdpo.reprompting import (
     TRUNCATION_MARKER,
@@ -189,20 +192,124 @@ def test_custom_templates():
     assert reprompter.build(["Q", "Q"], ["a", "b"], [1, 0], [0, 0])[1].prompt == "[Q|S=a|]"
 
 
-def test_chat_prompt_keeps_system_and_replaces_last_user():
-    prompt = [
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Tom has 3 apples and gets 2. How many?"},
+    {"role": "assistant", "content": "Tom has 5."},
+    {"role": "system", "content": "Answer in one line."},
+    {"role": "user", "content": "What is 2+2?"},
+]
+
+
+def test_chat_teacher_is_system_messages_and_one_user_turn():
+    # The official construction (SPEC section 3): the earlier user/assistant turns (a worked
+    # example) are not turns of the teacher's context, or "the original question" points at them.
+    original = [dict(m) for m in CHAT]
+    contexts = make().build([CHAT, CHAT], ["4", "5"], [1.0, 0.0], [0, 0])
+    assert CHAT == original  # not mutated
+    assert contexts[1].prompt == [
         {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "first question"},
-        {"role": "assistant", "content": "first answer"},
-        {"role": "user", "content": "What is 2+2?"},
+        {"role": "system", "content": "Answer in one line."},
+        {"role": "user", "content": "What is 2+2?\nCorrect solution:\n\n4\n\n" + INSTRUCTION},
     ]
-    original = [dict(m) for m in prompt]
-    contexts = make().build([prompt, prompt], ["4", "5"], [1.0, 0.0], [0, 0])
-    messages = contexts[1].prompt
-    assert prompt == original  # not mutated
-    assert messages[:3] == original[:3]
-    assert messages[3]["role"] == "user"
-    assert messages[3]["content"] == "What is 2+2?\nCorrect solution:\n\n4\n\n" + INSTRUCTION
+
+
+def test_chat_earlier_turns_folded_into_the_question_on_request():
+    contexts = make(chat_earlier_turns="fold").build([CHAT, CHAT], ["4", "5"], [1.0, 0.0], [0, 0])
+    question = (
+        "user: Tom has 3 apples and gets 2. How many?\n\nassistant: Tom has 5.\n\n"
+        "user: What is 2+2?"
+    )
+    assert contexts[1].prompt == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "system", "content": "Answer in one line."},
+        {"role": "user", "content": question + "\nCorrect solution:\n\n4\n\n" + INSTRUCTION},
+    ]
+    # A single-turn chat has nothing to fold: both settings give the same context.
+    single = [CHAT[0], CHAT[-1]]
+    args = ([single] * 2, ["4", "5"], [1.0, 0.0], [0, 0])
+    assert make(chat_earlier_turns="fold").build(*args)[1] == make().build(*args)[1]
+
+
+def test_chat_without_user_message_and_unknown_setting_raise():
+    with pytest.raises(ValueError, match="needs a user message"):
+        make().build([[CHAT[0]]] * 2, ["4", "5"], [1.0, 0.0], [0, 0])
+    with pytest.raises(ValueError, match="chat_earlier_turns"):
+        SDPOConfig.from_dict({"self_distillation": {"chat_earlier_turns": "keep"}})
+
+
+def _teacher_last_logits(model, tokenizer, prompt):
+    from sdpo.policy_model import PolicyModel
+
+    policy = PolicyModel(model=model, tokenizer=tokenizer, device="cpu")
+    ids = torch.tensor([policy.encode_prompt(prompt)])
+    with torch.no_grad():
+        return model(input_ids=ids).logits[0, -1]
+
+
+def test_teacher_logits_do_not_depend_on_earlier_turns(tiny_llama):
+    # Model level: two prompts that differ only in their worked example give the same teacher
+    # distribution (the worked example is not in the teacher's context), and the student's
+    # distributions differ (it is in the student's).
+    model, tokenizer = tiny_llama
+    tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    other = [dict(m) for m in CHAT]
+    other[1]["content"], other[2]["content"] = "Mia has 9 pens, loses 4. How many?", "Mia has 5."
+    teachers = []
+    for prompt in (CHAT, other):
+        context = make().build([prompt] * 2, ["4", "5"], [1.0, 0.0], [0, 0])[1].prompt
+        teachers.append(_teacher_last_logits(model, tokenizer, context))
+    torch.testing.assert_close(teachers[0], teachers[1], rtol=0, atol=0)
+    students = [_teacher_last_logits(model, tokenizer, p) for p in (CHAT, other)]
+    assert (students[0] - students[1]).abs().max() > 1e-4
+
+
+SMOLLM2 = Path(__file__).resolve().parent.parent / "models" / "smollm2-135m-instruct"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (SMOLLM2 / "config.json").exists(), reason="SmolLM2 not fetched (scripts/fetch_smollm2.py)"
+)
+def test_smollm2_teacher_prefers_the_questions_name_not_the_worked_examples():
+    # The regression the audit measured: with the worked example as an earlier turn, the
+    # feedback-only teacher preferred the example's name "Tom" as its first token (log-odds
+    # -0.52) while the student preferred the question's own name (+8.35). With the official
+    # construction the teacher's log-odds stay within 1 nat of the student's on average
+    # (measured: student 8.35, teacher 7.90; before the fix -0.52).
+    import importlib.util
+
+    from sdpo.policy_model import PolicyModel
+
+    spec = importlib.util.spec_from_file_location(
+        "fetch_smollm2", SMOLLM2.parent.parent / "scripts" / "fetch_smollm2.py"
+    )
+    fetch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fetch)
+    policy = PolicyModel(str(SMOLLM2), device="cpu", dtype="float32")
+    tok = policy.tokenizer
+    rng = random.Random(0)
+    feedback = "No final answer found. Write the final answer as \\boxed{...}."
+    student, teacher = [], []
+    while len(student) < 10:
+        question, _ = fetch.word_problem(rng)
+        name = question.split()[0]
+        if name == "Tom":
+            continue
+        ids = [tok(n, add_special_tokens=False)["input_ids"][0] for n in (name, "Tom")]
+        prompt = fetch.chat_prompt(question)
+        context = make().build([prompt], ["x"], [0.0], [0], feedback=[feedback])[0].prompt
+        for out, p in ((student, prompt), (teacher, context)):
+            with torch.no_grad():
+                logits = policy.model(input_ids=torch.tensor([policy.encode_prompt(p)])).logits
+            logp = torch.log_softmax(logits[0, -1].double() / 0.7, -1)  # the example's T
+            out.append(float(logp[ids[0]] - logp[ids[1]]))
+    s, t = sum(student) / 10, sum(teacher) / 10
+    assert s > 5.0, student  # the student's own preference (measured 8.35)
+    assert abs(t - s) < 1.0, (s, t, teacher)
 
 
 # ----- length limit -------------------------------------------------------------------------------

@@ -49,7 +49,8 @@ class LoraConfig:
     """LoRA (with PEFT, ``pip install 'sdpo[peft]'``): train a low-rank adapter on a frozen base.
 
     Field names follow PEFT's ``LoraConfig``. Teachers then cost one adapter, not one model: the
-    EMA teacher is a second adapter, the frozen teacher and the reference the base with adapters off.
+    EMA teacher is a second adapter, the frozen teacher and the reference the initial policy (the
+    base with adapters off, or a snapshot of a trained starting adapter).
     """
 
     r: int = _f(0, "LoRA rank; 0 = no adapter (every weight is trained).", min=0)
@@ -210,6 +211,11 @@ class SelfDistillationConfig:
     )
     environment_feedback_only_without_solution: bool = _f(
         True, "Use feedback only when no demonstration is available."
+    )
+    chat_earlier_turns: str = _f(
+        "drop",
+        "Chat prompts: the teacher sees the system messages and one user turn (the reprompted last user message), as the official code builds it; drop = earlier user/assistant turns are left out; fold = they are written into {prompt} as 'role: text' lines before the question (for turns a question needs). Keeping them as turns made 'the original question' point at a few-shot example.",
+        choices=("drop", "fold"),
     )
     max_reprompt_len: int = _f(
         2048,

@@ -37,8 +37,8 @@ class Completions:
     Shapes: ``prompt_ids``/``prompt_mask`` ``[N, P]`` (left-padded); ``completion_ids``/
     ``completion_mask`` ``[N, L]`` (right-padded, the mask keeps the first EOS);
     ``sampler_logprobs`` ``[N, L]`` float32: log-probability of each sampled token under the
-    distribution it was drawn from (temperature, top-k, top-p applied; 0 at padding), or None
-    when the backend does not report it.
+    sampler's weights, comparable with the trainer's (untruncated, at temperature T; see
+    :func:`vllm_logprobs_mode`; 0 at padding), or None when the backend does not report it.
     """
 
     prompt_ids: Tensor
@@ -155,6 +155,42 @@ def mismatch_weights(
     return torch.where(mask, weights, torch.ones_like(weights))
 
 
+def vllm_logprobs_mode(generation: GenerationConfig) -> str:
+    """The ``logprobs_mode`` vLLM must report for ``log π_train − log π_sampler`` to be 0 when the
+    weights are the same; refuses a mismatch correction that no mode makes right.
+
+    The trainer's log-probs are those of the untruncated distribution at temperature T,
+    ``log softmax(z/T)``. vLLM reports ``processed_logprobs`` (after temperature, top-k and top-p,
+    renormalized over the kept tokens: ``log softmax(z/T) − log Z_t``, ``Z_t`` the kept mass) or
+    ``raw_logprobs`` (``log softmax(z)``, before temperature and every filter). So:
+
+    - no top-k/top-p: ``processed_logprobs`` (``Z_t = 1``);
+    - top-k/top-p at T = 1: ``raw_logprobs``, which are then the trainer's exactly;
+    - top-k/top-p at T ≠ 1: neither mode matches. The processed ratio is ``log Z_t < 0`` on every
+      token with identical weights, so a correction would scale every token down by ``Z_t``
+      (``token``) or a row by ``Π Z_t`` (``sequence``: about 0.64 at 36 tokens with top-p 0.95,
+      the e^-20 floor by ~8,000 tokens), and the ``hf`` backend applies no such factor. Refused
+      unless ``generation.vllm_is_correction = none``.
+    """
+    truncated = generation.top_p < 1.0 or generation.top_k > 0
+    if not truncated:
+        return "processed_logprobs"
+    if generation.temperature == 1.0:
+        return "raw_logprobs"
+    if generation.vllm_is_correction != "none":
+        raise ValueError(
+            f"generation.vllm_is_correction = {generation.vllm_is_correction!r} with "
+            f"generation.top_p = {generation.top_p}, top_k = {generation.top_k} and "
+            f"temperature = {generation.temperature}: vLLM reports log-probs either after the "
+            "top-p/top-k truncation (they differ from the trainer's by the log of the kept mass "
+            "on every token, so the correction would shrink every update even with identical "
+            "weights) or before the temperature; neither is the trainer's log-prob. Set "
+            "generation.vllm_is_correction = none, or generation.temperature = 1.0, or "
+            "generation.top_p = 1.0 and generation.top_k = 0."
+        )
+    return "processed_logprobs"
+
+
 def mismatch_stats(
     train_logprobs: Tensor, sampler_logprobs: Tensor, weights: Tensor, mask: Tensor
 ) -> dict[str, float]:
@@ -226,6 +262,7 @@ class VLLMBackend:
         max_prompt_length: int = 512,
         dtype: torch.dtype | None = None,
     ) -> None:
+        self.logprobs_mode = vllm_logprobs_mode(generation)  # refuses before the engine starts
         vllm = import_vllm()
         self.policy = policy
         self.generation = generation
@@ -256,8 +293,8 @@ class VLLMBackend:
             max_model_len=max_len,
             enable_prefix_caching=True,
             enable_sleep_mode=self.sleep_mode,
-            # Log-probs after temperature/top-k/top-p: the distribution the token was drawn from.
-            logprobs_mode="processed_logprobs",
+            # The trainer's log-probs (untruncated, at temperature T): see vllm_logprobs_mode.
+            logprobs_mode=self.logprobs_mode,
             generation_config="vllm",  # sampling comes from generation.*, not the model's file
             trust_remote_code=False,
             # CUDA graphs / torch.compile pay off on GPUs; on CPUs they only add minutes of start-up.
@@ -270,6 +307,11 @@ class VLLMBackend:
     def bind(self, policy: PolicyModel, generation: GenerationConfig) -> VLLMBackend:
         """Serve another policy of the same architecture (its weights are pushed now) and sample
         with ``generation``: one engine for several runs, e.g. in a test session."""
+        if vllm_logprobs_mode(generation) != self.logprobs_mode:
+            raise ValueError(
+                f"This vLLM engine reports {self.logprobs_mode}; generation settings that need "
+                f"{vllm_logprobs_mode(generation)} (top_p/top_k/temperature) need a new engine."
+            )
         self.policy, self.generation = policy, generation
         self.sync_weights()
         return self

@@ -5,7 +5,11 @@ One base model holds every set of weights a run needs:
 - the student: adapter ``default`` (trainable; PEFT's name, so saved adapters load as usual);
 - the EMA teacher: adapter ``teacher``, initialized *equal* to the student's adapter, never
   trainable, updated ``φ ← (1−β)·φ + β·θ`` over the adapter tensors only, in float32;
-- the frozen teacher and the reference model: the base with adapters off (no copy at all).
+- the frozen teacher, the reference model and ``trust_region``'s anchor: the *initial policy*
+  (SPEC section 6). When the student adapter starts as a no-op (PEFT's default init, ``lora_B =
+  0``, as when sdpo adds the adapter) that is the base with adapters off, no copy at all; when it
+  starts from a user's trained adapter it is adapter ``initial``, a frozen float32 snapshot of the
+  student's adapter taken before the first step.
 
 Switching between them is :func:`adapter_scope`. It flips PEFT's per-layer active-adapter and
 disabled flags directly: PEFT's own ``set_adapter`` / ``disable_adapter`` also toggle
@@ -29,6 +33,7 @@ from torch import Tensor
 
 STUDENT = "default"
 TEACHER = "teacher"
+INITIAL = "initial"
 INSTALL_HINT = "pip install 'sdpo[peft]'"
 
 
@@ -181,25 +186,50 @@ def adapter_parameters(model: torch.nn.Module, adapter: str) -> dict[str, torch.
     return out
 
 
-def add_teacher_adapter(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """Add adapter ``teacher`` equal to the student's adapter, in float32, never trainable.
+def adapter_adds_nothing(model: torch.nn.Module) -> bool:
+    """True when the student adapter leaves the base model's outputs exactly as they are: every
+    LoRA ``B`` is zero (``ΔW = (lora_alpha / r)·B·A = 0``) and every ``modules_to_save`` copy
+    equals the module it replaces. Any other adapter tensor (a DoRA magnitude, ...) counts as
+    changing the outputs, so the initial policy is then snapshotted rather than assumed."""
+    for name, param in adapter_parameters(model, student_adapter(model)).items():
+        parts = name.split(".")
+        if "lora_A" in parts or "lora_embedding_A" in parts:
+            continue
+        if "lora_B" in parts or "lora_embedding_B" in parts:
+            if torch.count_nonzero(param):
+                return False
+        elif "modules_to_save" in parts:
+            i = parts.index("modules_to_save")
+            # Through the module: a tied original (lm_head = embed_tokens) has no name of its own.
+            wrapper = model.get_submodule(".".join(parts[:i]))
+            original = wrapper.original_module.get_parameter(".".join(parts[i + 2 :]))
+            if not torch.equal(original, param):
+                return False
+        else:
+            return False
+    return True
 
-    Returns the teacher's parameters keyed like :func:`adapter_parameters`.
+
+def add_adapter_copy(model: torch.nn.Module, name: str) -> dict[str, torch.nn.Parameter]:
+    """Add adapter ``name`` equal to the student's adapter, in float32, never trainable (the EMA
+    teacher ``teacher``, the initial-policy snapshot ``initial``).
+
+    Returns the new adapter's parameters keyed like :func:`adapter_parameters`.
     """
     student = student_adapter(model)
-    if TEACHER in model.peft_config:
-        raise ValueError(f"The PeftModel already has an adapter named {TEACHER!r}.")
+    if name in model.peft_config:
+        raise ValueError(f"The PeftModel already has an adapter named {name!r}.")
     config = model.peft_config[student]
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
-    model.add_adapter(TEACHER, config)
+    model.add_adapter(name, config)
     # add_adapter re-marks trainable parameters; restore the student's flags exactly.
-    for name, param in model.named_parameters():
-        if name in grads:
-            param.requires_grad_(grads[name])
+    for param_name, param in model.named_parameters():
+        if param_name in grads:
+            param.requires_grad_(grads[param_name])
     theta = adapter_parameters(model, student)
-    phi = adapter_parameters(model, TEACHER)
+    phi = adapter_parameters(model, name)
     if theta.keys() != phi.keys():
-        raise RuntimeError(f"Teacher adapter tensors {sorted(phi)} do not match the student's.")
+        raise RuntimeError(f"Adapter {name!r} tensors {sorted(phi)} do not match the student's.")
     with torch.no_grad():
         for key, p in phi.items():
             p.requires_grad_(False)

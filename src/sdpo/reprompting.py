@@ -18,16 +18,19 @@ default templates a teacher prompt reads::
 
     Correctly solve the original question.
 
+For chat prompts the teacher sees the system messages and one user message holding that text
+(the question being the last user message); earlier turns are left out, or folded into the
+question with ``self_distillation.chat_earlier_turns=fold`` (see :func:`teacher_messages`).
+
 Completions with neither a demonstration nor usable feedback get no context (``None``); they are
 masked out of the distillation loss.
 """
 
 from __future__ import annotations
 
-import copy
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +106,44 @@ def reprompt_stats(
         "reprompt_sample_fraction": len(given) / n,
         "feedback_used_fraction": sum(c.used_feedback for c in given) / n,
     }
+
+
+def teacher_messages(
+    messages: Sequence[dict[str, str]],
+    reprompt: Callable[[str], str],
+    earlier_turns: str = "drop",
+) -> list[dict[str, str]]:
+    """The teacher's chat context as the official code builds it: the system messages, then ONE
+    user message whose content is ``reprompt(question)``, the question being the last user message.
+
+    Earlier user/assistant turns (a few-shot worked example, a conversation) are not turns of the
+    teacher's context: kept there, "Correctly solve the original question." points the teacher at
+    the *first* question (measured on SmolLM2 with a worked example as the earlier turn: the
+    teacher preferred the example's name as its first token, log-odds -0.52 against the question's
+    own name, while the student and the official construction gave +8.35 and +9.02).
+    ``earlier_turns="fold"`` writes them into the question instead, as ``role: text`` lines before
+    it, for conversations whose earlier turns carry what the question needs. Messages after the
+    last user message are dropped either way. The input is not modified.
+    """
+    roles = [m.get("role") for m in messages]
+    if "user" not in roles:
+        raise ValueError(f"A chat prompt needs a user message to reprompt; got roles {roles}.")
+    if earlier_turns not in ("drop", "fold"):
+        raise ValueError(
+            f"self_distillation.chat_earlier_turns={earlier_turns!r}; choose drop or fold."
+        )
+    last = len(roles) - 1 - roles[::-1].index("user")
+    question = messages[last]["content"]
+    if earlier_turns == "fold":
+        earlier = [
+            f"{m.get('role')}: {m.get('content', '')}"
+            for m in messages[:last]
+            if m.get("role") != "system"
+        ]
+        if earlier:
+            question = "\n\n".join([*earlier, f"user: {question}"])
+    system = [dict(m) for m in messages[:last] if m.get("role") == "system"]
+    return [*system, {"role": "user", "content": reprompt(question)}]
 
 
 class Reprompter:
@@ -226,7 +267,7 @@ class Reprompter:
     # ----- prompt assembly --------------------------------------------------------------------
 
     def _render(self, prompt: Prompt, demo: str | None, fb: str | None) -> Prompt:
-        """The teacher prompt: the template around the question (for chat, the last user message)."""
+        """The teacher prompt: the template around the question (chat: see :func:`teacher_messages`)."""
         cfg = self.config
 
         def reprompt(question: str) -> str:
@@ -240,14 +281,7 @@ class Reprompter:
 
         if isinstance(prompt, str):
             return reprompt(prompt)
-        messages = copy.deepcopy(list(prompt))
-        users = [k for k, m in enumerate(messages) if m.get("role") == "user"]
-        if not users:
-            raise ValueError(
-                f"A chat prompt needs a user message to reprompt; got roles {[m.get('role') for m in messages]}."
-            )
-        messages[users[-1]]["content"] = reprompt(messages[users[-1]]["content"])
-        return messages
+        return teacher_messages(prompt, reprompt, cfg.chat_earlier_turns)
 
     def _length(self, prompt: Prompt) -> int:
         """Token length of a teacher prompt as the teacher will see it."""

@@ -9,8 +9,9 @@ Every teacher scores the student's own completion under the reprompted context `
 
 Where those weights live is a :class:`Weights`: a frozen copy of the model (full fine-tuning), or,
 for a LoRA policy, an adapter state of the one base model (:mod:`sdpo.lora`): the EMA teacher is
-a second adapter, the frozen teacher and the reference the base with adapters off. The teacher
-costs one adapter, not one model.
+a second adapter, the frozen teacher and the reference the initial policy: the base with adapters
+off, or a snapshot adapter when the run starts from a trained adapter. The teacher costs one
+adapter, not one model.
 
 A teacher hands back hidden states and the LM-head weight to apply to them, so the loss can
 compute teacher logits in chunks. For ``trust_region`` the lerp is folded into one matrix product:
@@ -74,10 +75,16 @@ class Weights:
 
 
 def reference_weights(policy: PolicyModel) -> Weights:
-    """The initial model: the base with adapters off for LoRA, else a frozen copy."""
-    if policy.is_lora:
+    """The initial policy (frozen teacher, reference KL, trust-region anchor), taken before the
+    first step: a frozen copy for full fine-tuning; for LoRA the base with adapters off while the
+    student adapter adds nothing yet, else a frozen snapshot of it (adapter ``initial``): a user's
+    trained starting adapter is part of the initial policy, and the bare base is not it."""
+    if not policy.is_lora:
+        return Weights(policy.model, copy=True)
+    if lora.adapter_adds_nothing(policy.model):
         return Weights(policy.model, base=True)
-    return Weights(policy.model, copy=True)
+    lora.add_adapter_copy(policy.model, lora.INITIAL)
+    return Weights(policy.model, adapter=lora.INITIAL)
 
 
 class Teacher:
@@ -98,7 +105,7 @@ class Teacher:
         self.ema: Weights | None = None
         self._ema_pairs: tuple[list[Tensor], list[Tensor]] = ([], [])
         if kind == "ema" and policy.is_lora:
-            phi = lora.add_teacher_adapter(policy.model)
+            phi = lora.add_adapter_copy(policy.model, lora.TEACHER)
             theta = lora.adapter_parameters(policy.model, lora.student_adapter(policy.model))
             self.ema = Weights(policy.model, adapter=lora.TEACHER)
             self._ema_pairs = (list(phi.values()), [theta[k] for k in phi])
