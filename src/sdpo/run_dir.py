@@ -5,10 +5,16 @@
 resumes, or with ``overwrite`` (which deletes the earlier run's files first); a second process on
 the same directory is refused while the first holds the lock. Files are written atomically
 (``config.yaml``) or as strict JSON lines (``metrics.jsonl``: NaN and inf are written as ``null``).
+
+sdpo never writes through a symbolic link in a run directory: ``.lock`` and the logs are opened
+with ``O_NOFOLLOW``, temporary files with ``O_EXCL | O_NOFOLLOW``, and a run directory whose
+write targets (:func:`is_run_file`) are symlinks is refused (``overwrite`` removes the links,
+never what they point to).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import math
@@ -47,7 +53,7 @@ class RunDirectory:
         if self.path.exists() and not self.path.is_dir():
             raise RunDirectoryError(f"Run directory {self.path} exists and is not a directory.")
         self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_nofollow(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -58,6 +64,16 @@ class RunDirectory:
                 "wait for it to finish or choose another run.output_dir."
             ) from None
         try:
+            links = sorted(
+                p.name for p in self.path.iterdir() if p.is_symlink() and is_run_file(p.name)
+            )
+            if links and not overwrite:
+                shown = ", ".join(f"{n} -> {os.readlink(self.path / n)}" for n in links[:4])
+                raise RunDirectoryError(
+                    f"Run directory {self.path} holds symbolic links where sdpo writes ({shown}); "
+                    "sdpo never writes through a link. Remove them, choose another "
+                    "run.output_dir, or pass --overwrite (removes the links, not their targets)."
+                )
             others = sorted(p.name for p in self.path.iterdir() if p.name != LOCK_FILE)
             if others and not own:
                 if not overwrite:
@@ -82,18 +98,41 @@ class RunDirectory:
             self._lock = None
 
     def _remove_run_files(self) -> None:
-        from sdpo.checkpoint import CHECKPOINT_RE, OLD_RE, TMP_RE
-
         for p in self.path.iterdir():
-            if CHECKPOINT_RE.match(p.name) or OLD_RE.match(p.name) or TMP_RE.match(p.name):
+            if not is_run_file(p.name) or p.name == LOCK_FILE:
+                continue
+            if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
-            elif p.name in RUN_FILES:
+            else:  # a file, or a link: the link goes, never what it points to
                 p.unlink()
 
     def append_jsonl(self, name: str, record: dict[str, Any]) -> None:
-        """Append one strict-JSON line (NaN/inf become null)."""
-        with open(self.path / name, "a") as fh:
-            fh.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
+        """Append one strict-JSON line (NaN/inf become null); never through a symlink."""
+        line = json.dumps(strict_json(record), allow_nan=False) + "\n"
+        fd = _open_nofollow(self.path / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(line)
+
+
+def is_run_file(name: str) -> bool:
+    """Whether sdpo writes (or removes) ``name`` in a run directory."""
+    from sdpo.checkpoint import ABANDONED_RE, CHECKPOINT_RE, FINAL_LEFTOVER_RE, OLD_RE, TMP_RE
+
+    patterns = (CHECKPOINT_RE, OLD_RE, TMP_RE, ABANDONED_RE, FINAL_LEFTOVER_RE)
+    return name in (LOCK_FILE, "final", *RUN_FILES) or any(r.match(name) for r in patterns)
+
+
+def _open_nofollow(path: Path, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` that refuses a symlink at ``path`` with a :class:`RunDirectoryError`."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RunDirectoryError(
+                f"{path} is a symbolic link (to {os.readlink(path)}); sdpo never writes through a "
+                "link in a run directory. Remove it or choose another run.output_dir."
+            ) from None
+        raise
 
 
 def strict_json(value: Any) -> Any:
@@ -115,8 +154,12 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Replace ``path`` by ``text``: readers see the old file or the new one, never a part of it."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.unlink(missing_ok=True)  # a leftover (or a planted link): removed, never written through
     try:
-        with open(tmp, "w") as fh:
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+        )
+        with os.fdopen(fd, "w") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())

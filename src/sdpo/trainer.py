@@ -486,6 +486,10 @@ class SDPOTrainer:
         self._run.claim(own=own, overwrite=self.config.run.overwrite_output_dir)
         try:
             ckpt.cleanup(self.run_dir)
+            if own and not self._owns_run_dir and self._resumed_from is not None:
+                moved = ckpt.set_aside_newer(self.run_dir, self.global_step)  # a branch
+                if moved:
+                    print(moved, file=sys.stderr)
             self._owns_run_dir = True
             yield
         finally:
