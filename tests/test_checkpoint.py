@@ -15,38 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_tiny_llama
+from helpers import checkpoint_trainer
 
-from sdpo import PolicyModel, SDPOConfig, SDPOTrainer
+from sdpo import PolicyModel, SDPOConfig
 from sdpo import checkpoint as ckpt
 from sdpo.cli import build_parser, load_config
 from sdpo.run_dir import RunDirectory, RunDirectoryError
 
-ROWS = [{"prompt": f"Q: {a}+{b}=", "answer": str(a + b)} for a in range(10, 13) for b in range(3)]
-
-
-def parity_reward(prompts, completions, **columns):
-    return [float(sum(map(ord, c)) % 2 == 0) for c in completions]
-
-
-def make_trainer(run_dir: Path, reward=parity_reward, policy=None, **overrides) -> SDPOTrainer:
-    base = dict(
-        num_samples_per_prompt=2,
-        generation__max_new_tokens=4,
-        optimization__prompts_per_step=2,
-        optimization__learning_rate=1e-3,
-        run__max_steps=2,
-        run__save_steps=1,
-        run__save_total_limit=3,
-        run__output_dir=str(run_dir),
-        run__progress_bar=False,
-    )
-    base.update(overrides)
-    if policy is None:
-        model, tok = make_tiny_llama()
-        policy = PolicyModel(model=model, tokenizer=tok)
-    return SDPOTrainer(
-        config=SDPOConfig(**base), policy_model=policy, reward_model=reward, train_dataloader=ROWS
-    )
+make_trainer = checkpoint_trainer
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +101,7 @@ def test_same_step_resave_is_skipped_when_nothing_changed(run_copy):
 
 def test_a_crash_between_the_two_renames_of_a_resave_leaves_a_checkpoint(run_copy, monkeypatch):
     trainer = make_trainer(run_copy, run__resume_from=str(run_copy), run__save_total_limit=1)
-    trainer._saved_step = None  # force a re-save of step 2
+    trainer.checkpointer.saved_step = None  # force a re-save of step 2
     real_rename = Path.rename
 
     def crash_on_moving_the_new_one_in(self, target):
@@ -340,7 +316,7 @@ def test_sigterm_saves_a_checkpoint_like_ctrl_c(tmp_path, capsys):
 
 def test_metrics_jsonl_is_strict_json(tmp_path):
     trainer = make_trainer(tmp_path / "run")
-    trainer._write_jsonl("metrics.jsonl", {"step": 1, "loss": math.nan, "kl": math.inf})
+    trainer.log.write_jsonl("metrics.jsonl", {"step": 1, "loss": math.nan, "kl": math.inf})
     line = (tmp_path / "run" / "metrics.jsonl").read_text()
     record = json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in {line}"))
     assert record == {"step": 1, "loss": None, "kl": None}

@@ -104,7 +104,7 @@ def test_a_data_file_replaces_the_presets_task(tmp_path):
     config = load_config(build_parser().parse_args(argv))
     assert config.data.task is None
     train_rows, eval_rows, _ = build_data(config)
-    assert (train_rows, eval_rows) == (str(rows), str(rows))
+    assert train_rows == [{"prompt": "1+1=", "answer": "2"}] and eval_rows == str(rows)
     # the same through a YAML file over a preset, and through the Python preset
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text(f"preset: quickstart\ndata:\n  train_file: {rows}\n  reward: exact\n")

@@ -6,7 +6,7 @@ import copy
 import gc
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -274,33 +274,12 @@ def test_gpt2_default_targets_and_lm_head_is_refused(tmp_path):
 
 
 def test_without_peft_the_library_works_and_lora_names_the_extra(tmp_path):
-    script = textwrap.dedent(
-        f"""
-        import sys
-        sys.modules["peft"] = None  # as if peft were not installed
-        sys.path.insert(0, {str(tmp_path.parent)!r})
-        import torch
-        from transformers import LlamaForCausalLM
-        from sdpo import PolicyModel, SDPOConfig, SDPOTrainer
-        from sdpo.demo import build_char_tokenizer, tiny_llama_config
-        tok = build_char_tokenizer()
-        cfg = dict(num_samples_per_prompt=2, generation__max_new_tokens=3, run__max_steps=1,
-                   run__output_dir={str(tmp_path / "run")!r}, run__progress_bar=False)
-        rows = [{{"prompt": "Q: 1+1="}}] * 4
-        reward = lambda prompts, completions, **kw: [1.0] * len(completions)
-        def trainer(**extra):
-            model = LlamaForCausalLM(tiny_llama_config(len(tok), hidden=32, layers=1, heads=2, intermediate=64))
-            return SDPOTrainer(config=SDPOConfig(**cfg, **extra), policy_model=PolicyModel(model=model, tokenizer=tok),
-                               reward_model=reward, train_dataloader=rows)
-        trainer().step()
-        try:
-            trainer(model__lora__r=4)
-        except ImportError as exc:
-            print("ERROR:", exc)
-        """
-    )
+    script = Path(__file__).parent / "scripts" / "no_peft.py"
     out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+        [sys.executable, str(script), str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     assert "ERROR: LoRA (model.lora.r > 0) needs the `peft` package" in out.stdout
@@ -365,39 +344,7 @@ def test_checkpoint_adapters_export_and_merge_reproduce_the_policy(tmp_path):
     )  # training moved the policy away from the base
 
 
-RESUME_SCRIPT = textwrap.dedent(
-    """
-    import sys, time
-    sys.path.insert(0, {tests!r})
-    import torch
-    torch.set_num_threads(1)
-    from conftest import make_tiny_llama
-    from sdpo import PolicyModel, SDPOConfig, SDPOTrainer
-
-    run_dir, resume, delay = sys.argv[1], sys.argv[2] == "resume", float(sys.argv[3])
-    rows = [{{"prompt": f"Q: {{a}}+{{b}}=", "answer": str(a + b)}} for a in range(10, 16) for b in range(20, 23)]
-
-    def reward(prompts, completions, **columns):
-        return [float(sum(map(ord, c)) % 2 == 0) for c in completions]
-
-    class Slow:
-        def on_step_end(self, trainer, metrics):
-            time.sleep(delay)
-
-    model, tok = make_tiny_llama(seed=0)
-    config = SDPOConfig(num_samples_per_prompt=4, generation__max_new_tokens=6, optimization__prompts_per_step=2,
-                        optimization__learning_rate=1e-2, optimization__warmup_steps=2, optimization__lr_scheduler="cosine",
-                        model__lora__r=4, model__lora__lora_dropout=0.1, model__lora__modules_to_save=["lm_head"],
-                        policy_gradient__kl_penalty_weight=0.1, run__max_steps=5, run__save_steps=2,
-                        run__save_total_limit=5, run__output_dir=run_dir, run__progress_bar=False,
-                        run__resume_from=run_dir if resume else None, run__seed=3)
-    trainer = SDPOTrainer(config=config, policy_model=PolicyModel(model=model, tokenizer=tok), reward_model=reward,
-                          train_dataloader=rows, callbacks=[Slow()])
-    trainer.train()
-    """
-)
-
-
+@pytest.mark.slow
 def test_lora_sigkill_then_resume_is_bitwise_identical(tmp_path):
     import os
     import signal
@@ -405,13 +352,12 @@ def test_lora_sigkill_then_resume_is_bitwise_identical(tmp_path):
 
     from safetensors.torch import load_file
 
-    script = tmp_path / "run.py"
-    script.write_text(RESUME_SCRIPT.format(tests=str(os.path.dirname(__file__))))
+    script = os.path.join(os.path.dirname(__file__), "scripts", "resume_run.py")
 
     def run(run_dir, mode, delay=0.0):
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0"}
         return subprocess.Popen(
-            [sys.executable, str(script), str(run_dir), mode, str(delay)],
+            [sys.executable, script, str(run_dir), mode, str(delay), "lora"],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -6,10 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from conftest import make_tiny_llama
-from test_trainer import ROWS, make_config, one_success_per_group
-
-from sdpo import PolicyModel, SDPOTrainer
+from conftest import ROWS, make_trainer, one_success_per_group
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -26,14 +23,11 @@ def _documented() -> set[str]:
 
 
 def test_every_logged_metric_is_in_the_readme_table(tmp_path):
-    model, tok = make_tiny_llama()
-    config = make_config(tmp_path, optimization__updates_per_batch=2)
-    trainer = SDPOTrainer(
-        config=config,
-        policy_model=PolicyModel(model=model, tokenizer=tok),
-        reward_model=one_success_per_group,
-        train_dataloader=ROWS,
-        eval_dataloader=ROWS[:4],
+    trainer = make_trainer(
+        tmp_path / "run",
+        reward=one_success_per_group,
+        eval_rows=ROWS[:4],
+        optimization__updates_per_batch=2,
     )
     trainer.train()
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()

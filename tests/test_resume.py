@@ -6,49 +6,20 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-SCRIPT = textwrap.dedent(
-    """
-    import os, sys, time
-    sys.path.insert(0, {tests!r})
-    import torch
-    torch.set_num_threads(1)
-    from conftest import make_tiny_llama
-    from sdpo import PolicyModel, SDPOConfig, SDPOTrainer
-
-    run_dir, resume, delay = sys.argv[1], sys.argv[2] == "resume", float(sys.argv[3])
-    rows = [{{"prompt": f"Q: {{a}}+{{b}}=", "answer": str(a + b)}} for a in range(10, 16) for b in range(20, 23)]
-
-    def reward(prompts, completions, **columns):
-        return [float(sum(map(ord, c)) % 2 == 0) for c in completions]
-
-    class Slow:
-        def on_step_end(self, trainer, metrics):
-            time.sleep(delay)
-
-    model, tok = make_tiny_llama(seed=0)
-    config = SDPOConfig(num_samples_per_prompt=4, generation__max_new_tokens=6, optimization__prompts_per_step=2,
-                        optimization__learning_rate=1e-3, optimization__warmup_steps=2, optimization__lr_scheduler="cosine",
-                        self_distillation__demonstration_selection="random", run__max_steps=6, run__save_steps=2,
-                        run__save_total_limit=5, run__output_dir=run_dir, run__progress_bar=False,
-                        run__resume_from=run_dir if resume else None, run__seed=3)
-    trainer = SDPOTrainer(config=config, policy_model=PolicyModel(model=model, tokenizer=tok), reward_model=reward,
-                          train_dataloader=rows, callbacks=[Slow()])
-    trainer.train()
-    """
-)
+SCRIPT = Path(__file__).parent / "scripts" / "resume_run.py"
 
 
-def _run(script: Path, run_dir: Path, mode: str, delay: float = 0.0) -> subprocess.Popen:
+def _run(run_dir: Path, mode: str, delay: float = 0.0, variant: str = "full") -> subprocess.Popen:
+    """``tests/scripts/resume_run.py`` as its own process (``variant``: full or lora)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0"}
     return subprocess.Popen(
-        [sys.executable, str(script), str(run_dir), mode, str(delay)],
+        [sys.executable, str(SCRIPT), str(run_dir), mode, str(delay), variant],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -60,17 +31,15 @@ def _final_weights(run_dir: Path) -> dict:
     return load_file(str(run_dir / "checkpoint-000006" / "policy" / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
-    script = tmp_path / "run.py"
-    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
-
     straight = tmp_path / "straight"
-    proc = _run(script, straight, "fresh")
+    proc = _run(straight, "fresh")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
 
     killed = tmp_path / "killed"
-    proc = _run(script, killed, "fresh", delay=1.0)
+    proc = _run(killed, "fresh", delay=1.0)
     deadline = time.time() + 240
     while not (killed / "checkpoint-000002" / "trainer_state.json").exists():
         assert proc.poll() is None, proc.communicate()[0]
@@ -80,7 +49,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     proc.wait()
     assert not (killed / "checkpoint-000006").exists(), "the run finished before it was killed"
 
-    proc = _run(script, killed, "resume")
+    proc = _run(killed, "resume")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
 
@@ -94,7 +63,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
 
     # Ctrl-C: the current step finishes, a checkpoint is written, the resume command is printed.
     interrupted = tmp_path / "interrupted"
-    proc = _run(script, interrupted, "fresh", delay=1.0)
+    proc = _run(interrupted, "fresh", delay=1.0)
     while not (interrupted / "checkpoint-000002" / "trainer_state.json").exists():
         assert proc.poll() is None, proc.communicate()[0]
         time.sleep(0.05)
@@ -104,7 +73,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     assert "Resume with: sdpo train --resume" in out
     stopped_at = int(sorted(interrupted.glob("checkpoint-*"))[-1].name.split("-")[1])
     assert 2 <= stopped_at < 6
-    proc = _run(script, interrupted, "resume")
+    proc = _run(interrupted, "resume")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     c = _final_weights(interrupted)
@@ -117,3 +86,68 @@ def test_resume_from_a_directory_without_checkpoint_says_so(tmp_path):
     (tmp_path / ".tmp-checkpoint-000004-1").mkdir()  # a half-written one is never picked
     with pytest.raises(FileNotFoundError, match="No complete checkpoint"):
         resolve_checkpoint(tmp_path)
+
+
+def _resume_settings(run_dir: Path, **overrides) -> dict:
+    return dict(
+        run__save_steps=2,
+        run__save_total_limit=5,
+        run__max_steps=4,
+        run__seed=3,
+        optimization__warmup_steps=2,
+        optimization__lr_scheduler="cosine",
+        optimization__updates_per_batch=2,
+        policy_gradient__kl_penalty_weight=0.1,
+        self_distillation__demonstration_selection="random",
+        **overrides,
+    )
+
+
+def _optimizer_state(trainer) -> list:
+    return [
+        (name, key, value)
+        for name, p in trainer.policy.model.named_parameters()
+        for key, value in sorted(trainer.optimizer.state[p].items())
+    ]
+
+
+def test_in_process_resume_is_bitwise_identical(tmp_path):
+    """4 steps in one trainer == 2 steps, checkpoint, a new trainer resumed from it, 2 more:
+    weights, EMA teacher, reference, AdamW state, learning rate and step all equal, bitwise."""
+    import shutil
+
+    import torch
+    from conftest import make_trainer
+
+    straight = make_trainer(tmp_path / "straight", **_resume_settings(tmp_path))
+    straight.train()
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(tmp_path / "straight" / "checkpoint-000002", resumed_dir / "checkpoint-000002")
+    resumed = make_trainer(
+        resumed_dir, **_resume_settings(tmp_path), run__resume_from=str(resumed_dir)
+    )
+    assert resumed.global_step == 2
+    resumed.train()
+
+    assert resumed.global_step == straight.global_step == 4
+    assert resumed.scheduler.get_last_lr() == straight.scheduler.get_last_lr()
+    assert resumed.scheduler.last_epoch == straight.scheduler.last_epoch == 8
+    for name in ("policy", "teacher", "reference"):
+        a = (
+            straight.policy.model
+            if name == "policy"
+            else straight.teacher.checkpoint_modules()[name]
+        )
+        b = resumed.policy.model if name == "policy" else resumed.teacher.checkpoint_modules()[name]
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        different = [k for k in sa if not torch.equal(sa[k], sb[k])]
+        assert not different, f"{name} differs after resume: {different[:4]}"
+    opt_a, opt_b = _optimizer_state(straight), _optimizer_state(resumed)
+    assert len(opt_a) == len(opt_b) > 0
+    for (name, key, va), (_, _, vb) in zip(opt_a, opt_b, strict=True):
+        assert torch.equal(torch.as_tensor(va), torch.as_tensor(vb)), (name, key)
+    changed = dict(straight.teacher.copy.named_parameters())
+    initial = dict(straight.teacher.reference.module.named_parameters())
+    assert any(not torch.equal(changed[k], initial[k]) for k in changed)  # training happened

@@ -6,6 +6,7 @@ import math
 import threading
 
 import pytest
+from helpers import MATH_CASES
 
 from sdpo.reward_model import (
     CombinedRewardModel,
@@ -71,24 +72,6 @@ def test_math_equivalence(completion, gold, score):
     out = MathRewardModel()(["q"], [completion], answer=[gold])[0]
     assert out.score == score
     assert out.feedback is None
-
-
-# completion, gold, default (last \\boxed{} only), lenient (old fallbacks)
-MATH_CASES = [
-    ("\\boxed{4}", "4", 1.0, 1.0),
-    ("The answer is \\boxed{4} apples.", "4", 1.0, 1.0),
-    ("The answer is 4.", "4", 0.0, 1.0),
-    ("2 + 2 makes 4", "4", 0.0, 1.0),
-    ("**Answer:** 4", "4", 0.0, 1.0),
-    ("$4$", "4", 0.0, 1.0),
-    ("first \\boxed{3}, no: \\boxed{4}", "4", 1.0, 1.0),
-    ("first \\boxed{4}, no: \\boxed{3}", "4", 0.0, 0.0),
-    ("\\boxed{\\frac{1}{2}}", "0.5", 1.0, 1.0),
-    ("\\boxed{2.0}", "2", 1.0, 1.0),
-    ("\\fbox{4}", "4", 1.0, 1.0),
-    ("\\boxed{5}", "4", 0.0, 0.0),
-    ("", "4", 0.0, 0.0),
-]
 
 
 @pytest.mark.parametrize(("completion", "gold", "default", "lenient"), MATH_CASES)

@@ -8,8 +8,8 @@ import signal
 from pathlib import Path
 
 import pytest
+from helpers import checkpoint_trainer as make_trainer
 from safetensors.torch import load_file
-from test_checkpoint import make_trainer
 
 from sdpo import checkpoint as ckpt
 from sdpo.run_dir import RunDirectory, RunDirectoryError, write_text_atomic

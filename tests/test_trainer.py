@@ -7,40 +7,21 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_llama, scored_batch
+from conftest import (
+    ROWS,
+    TRAINER_DEFAULTS,
+    make_tiny_llama,
+    one_success_per_group,
+    parity_reward,
+    scored_batch,
+)
 
 from sdpo import PolicyModel, SDPOConfig, SDPOTrainer
 from sdpo.reward_model import RewardOutput
 
-ROWS = [
-    {"prompt": f"Q: {a}+{b}=", "answer": str(a + b)} for a in range(10, 14) for b in range(20, 24)
-]
-
-
-def parity_reward(prompts, completions, **columns):
-    """Deterministic, about half successes: parity of the character codes."""
-    return [float(sum(map(ord, c)) % 2 == 0) for c in completions]
-
-
-def one_success_per_group(prompts, completions, **columns):
-    """Exactly one success per group of 4: it has no demonstration, its siblings do."""
-    return [float(i % 4 == 0) for i in range(len(completions))]
-
 
 def make_config(tmp_path, **overrides) -> SDPOConfig:
-    base = dict(
-        num_samples_per_prompt=4,
-        generation__max_new_tokens=6,
-        optimization__prompts_per_step=2,
-        optimization__micro_batch_size=8,
-        optimization__learning_rate=1e-3,
-        run__max_steps=2,
-        run__output_dir=str(tmp_path / "run"),
-        run__progress_bar=False,
-        run__sample_log_steps=1,
-    )
-    base.update(overrides)
-    return SDPOConfig(**base)
+    return SDPOConfig(**{**TRAINER_DEFAULTS, "run__output_dir": str(tmp_path / "run"), **overrides})
 
 
 def test_train_writes_metrics_samples_checkpoints_and_changes_weights(tmp_path, tiny_llama):

@@ -31,9 +31,7 @@ import json
 import os
 import pickle
 import random
-import re
 import shutil
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -42,18 +40,24 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from sdpo import lora
-from sdpo.run_dir import fsync_dir, write_text_atomic
 
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-OLD_RE = re.compile(r"^\.old-checkpoint-(\d+)-\d+$")
-TMP_RE = re.compile(r"^\.tmp-checkpoint-\d+-\d+$")
-FINAL_LEFTOVER_RE = re.compile(
-    r"^\.(tmp|old)-final-\d+$"
-)  # from an interrupted save_pretrained_dir
-ABANDONED_RE = re.compile(r"^abandoned-\d{8}-\d{6}(-\d+)?$")
-LOG_FILES = ("metrics.jsonl", "samples.jsonl")
+# The run directory's names, the recovery of interrupted saves and the timeline rule live with the
+# run directory (sdpo.run_dir, which holds the lock they need); re-exported here.
+from sdpo.run_dir import (  # noqa: F401
+    ABANDONED_RE,
+    CHECKPOINT_RE,
+    FINAL_LEFTOVER_RE,
+    LOG_FILES,
+    MANIFEST,
+    OLD_RE,
+    TMP_RE,
+    cleanup,
+    fsync_dir,
+    set_aside_newer,
+    write_text_atomic,
+)
+
 STATE_FILE = "trainer_state.json"
-MANIFEST = "manifest.json"
 
 
 class CheckpointError(RuntimeError):
@@ -181,89 +185,6 @@ def prune(run_dir: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` complete checkpoints (every kept one passed the finite check)."""
     for stale in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(stale, ignore_errors=True)
-
-
-def cleanup(run_dir: Path) -> None:
-    """Recover or remove what an interrupted save left behind (call while holding the run's lock).
-
-    A complete ``.old-checkpoint-N-*`` whose ``checkpoint-N`` is missing or incomplete is renamed
-    back; other ``.old-`` and every ``.tmp-checkpoint-`` directory is removed.
-    """
-    if not run_dir.is_dir():
-        return
-    for entry in sorted(run_dir.iterdir()):
-        old = OLD_RE.match(entry.name)
-        if old:
-            final = run_dir / f"checkpoint-{old.group(1)}"
-            if (entry / MANIFEST).exists() and not (final / MANIFEST).exists():
-                shutil.rmtree(final, ignore_errors=True)
-                entry.rename(final)
-            else:
-                shutil.rmtree(entry, ignore_errors=True)
-        elif TMP_RE.match(entry.name):
-            shutil.rmtree(entry, ignore_errors=True)
-        elif FINAL_LEFTOVER_RE.match(entry.name):
-            final = run_dir / "final"
-            if entry.name.startswith(".old-") and not final.exists():
-                entry.rename(final)  # the crash came between the two renames of a re-save
-            else:
-                shutil.rmtree(entry, ignore_errors=True)
-
-
-def set_aside_newer(run_dir: Path, step: int) -> str | None:
-    """Make a resume from step ``step`` in its own run directory a new timeline.
-
-    Moved into ``run_dir/abandoned-{UTC time}/`` (kept, never deleted): every checkpoint newer
-    than ``step`` (complete or not), ``final/`` (the earlier timeline's end; the resumed run writes
-    its own), and the lines of ``metrics.jsonl`` / ``samples.jsonl`` whose ``step`` is greater.
-    Afterwards the run directory holds one timeline: its newest checkpoint is the one resumed,
-    ``--resume RUN`` continues the branch, and pruning never removes the branch's checkpoints.
-    Returns the one line to print, or None when there was nothing to move. Call it while holding
-    the run directory's lock.
-    """
-    newer = sorted(
-        p
-        for p in run_dir.iterdir()
-        if (m := CHECKPOINT_RE.match(p.name) or OLD_RE.match(p.name)) and int(m.group(1)) > step
-    )
-    final = run_dir / "final"
-    has_final = final.exists() or final.is_symlink()
-    later = {name: _split_log(run_dir / name, step) for name in LOG_FILES}
-    if not newer and not has_final and not any(late for _, late in later.values()):
-        return None
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    aside, n = run_dir / f"abandoned-{stamp}", 1
-    while aside.exists():
-        aside, n = run_dir / f"abandoned-{stamp}-{n}", n + 1
-    aside.mkdir()
-    moved = [p.name for p in newer] + (["final"] if has_final else [])
-    for p in [*newer, *([final] if has_final else [])]:
-        p.rename(aside / p.name)
-    for name, (keep, late) in later.items():
-        if late:
-            write_text_atomic(aside / name, "".join(late))
-            write_text_atomic(run_dir / name, "".join(keep))
-            moved.append(f"{len(late)} {name} lines of steps > {step}")
-    fsync_dir(run_dir)
-    return (
-        f"sdpo: resuming step {step} starts a new timeline; the earlier one's later state "
-        f"({', '.join(moved)}) moved to {aside}/"
-    )
-
-
-def _split_log(file: Path, step: int) -> tuple[list[str], list[str]]:
-    """(lines to keep, lines of steps > ``step``) of a JSON-lines log; unreadable lines are kept."""
-    if not file.is_file():
-        return [], []
-    keep, late = [], []
-    for line in file.read_text().splitlines(keepends=True):
-        try:
-            record_step = json.loads(line)["step"]
-        except (ValueError, KeyError, TypeError):
-            record_step = None
-        target = late if isinstance(record_step, int) and record_step > step else keep
-        target.append(line if line.endswith("\n") else line + "\n")
-    return keep, late
 
 
 # ----- reading -----------------------------------------------------------------------------------

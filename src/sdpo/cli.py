@@ -11,7 +11,6 @@ sdpo plot runs/a runs/b -o curves.png       # training curves
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import secrets
 import sys
@@ -221,41 +220,14 @@ def load_config(args: argparse.Namespace) -> SDPOConfig:
     return config
 
 
-def load_reward(spec: str) -> Any:
-    """A reward model by name (math, math_lenient, code, exact) or a ``module:function`` callable."""
-    from sdpo import reward_model as rm
-
-    named = {
-        "math": rm.MathRewardModel,
-        "math_lenient": lambda: rm.MathRewardModel(extraction="lenient"),
-        "exact": lambda: rm.VerifiableRewardModel(mode="exact"),
-    }
-    if spec == "code":
-        from sdpo.environments import CodeExecutionRewardModel
-
-        return CodeExecutionRewardModel()
-    if spec in named:
-        return named[spec]()
-    if ":" not in spec:
-        raise SystemExit(
-            f"sdpo: data.reward={spec!r}: use math, math_lenient, code, exact, or module:function."
-        )
-    module, name = spec.split(":", 1)
-    sys.path.insert(0, os.getcwd())
-    return getattr(importlib.import_module(module), name)
-
-
 def build_data(config: SDPOConfig) -> tuple[Any, Any, Any]:
     """(train rows, eval rows, reward) from a built-in task or from JSONL files."""
-    data = config.data
-    if data.task:
-        from sdpo.tasks import load_task, task_reward_model
+    from sdpo.sources import rows_and_reward
 
-        return (
-            load_task(data.task, "train", seed=config.run.seed),
-            load_task(data.task, "eval", seed=config.run.seed),
-            task_reward_model(data.task),
-        )
+    data, seed = config.data, config.run.seed
+    if data.task:
+        train_rows, reward = rows_and_reward(data.task, "train", seed=seed)
+        return train_rows, rows_and_reward(data.task, "eval", seed=seed)[0], reward
     if not data.train_file:
         raise SystemExit(
             "sdpo: no data: set task=arithmetic (or reversal, code) or data.train_file=FILE.jsonl with data.reward=..."
@@ -264,7 +236,8 @@ def build_data(config: SDPOConfig) -> tuple[Any, Any, Any]:
         raise SystemExit(
             "sdpo: data.train_file needs data.reward (math, math_lenient, code, exact, or module:function)."
         )
-    return data.train_file, data.eval_file, load_reward(data.reward)
+    train_rows, reward = rows_and_reward(data.train_file, reward=data.reward)
+    return train_rows, data.eval_file, reward
 
 
 def check_inputs(config: SDPOConfig) -> None:
@@ -286,8 +259,8 @@ def train(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args)
-        train_rows, eval_rows, reward = build_data(config)
         check_inputs(config)
+        train_rows, eval_rows, reward = build_data(config)
         say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)  # rank 0
         say(
             f"sdpo: model {config.model_name}, task {config.data.task or config.data.train_file}, {config.run.max_steps} steps; run directory {config.run.output_dir}"
@@ -339,19 +312,18 @@ def eval_config(run_dir: Path | None, overrides: list[str]) -> SDPOConfig:
 
 def eval_data(config: SDPOConfig) -> tuple[list[dict[str, Any]], Any]:
     """(eval rows, reward) from a built-in task's eval split or ``data.eval_file``."""
-    from sdpo.data import load_rows
     from sdpo.reward_model import as_reward_model
+    from sdpo.sources import rows_and_reward
 
     data = config.data
-    if data.task:
-        from sdpo.tasks import load_task, task_reward_model
-
-        return load_task(data.task, "eval", seed=config.run.seed), task_reward_model(data.task)
-    if not data.eval_file or not data.reward:
+    if not data.task and not (data.eval_file and data.reward):
         raise SystemExit(
             "sdpo eval: no data: set task=arithmetic (or reversal, code) or data.eval_file=FILE.jsonl data.reward=..."
         )
-    return load_rows(data.eval_file), as_reward_model(load_reward(data.reward))
+    rows, reward = rows_and_reward(
+        data.task or data.eval_file, "eval", reward=data.reward, seed=config.run.seed
+    )
+    return rows, as_reward_model(reward)
 
 
 def evaluate(args: argparse.Namespace) -> int:

@@ -354,23 +354,16 @@ def add_parser(sub: Any) -> None:
 
 def main(args: Any) -> int:
     """``sdpo discover``: run, write ``discover.json`` and ``discovery.png``, print a table."""
-    from sdpo.data import load_rows
     from sdpo.policy_model import PolicyModel
+    from sdpo.sources import rows_and_reward
 
     config = SDPOConfig.preset("quickstart")
     config.apply_overrides([f"{k}={v}" for k, v in DISCOVER_DEFAULTS.items()])
     config.model_name = args.model
     config.apply_overrides(args.overrides)
-    if args.file:
-        if not args.reward:
-            raise SystemExit("sdpo discover: --file needs --reward (math, code, exact, module:fn).")
-        from sdpo.cli import load_reward
-
-        rows, reward = load_rows(args.file), load_reward(args.reward)
-    else:
-        from sdpo.tasks import load_task, task_reward_model
-
-        rows, reward = load_task(args.task, "eval"), task_reward_model(args.task)
+    if args.file and not args.reward:
+        raise SystemExit("sdpo discover: --file needs --reward (math, code, exact, module:fn).")
+    rows, reward = rows_and_reward(args.file or args.task, "eval", reward=args.reward)
     rows = rows[: args.num_questions]
     policy = PolicyModel(config.model_name, device=config.model.device, dtype=config.model.dtype)
     discoverer = Discoverer(

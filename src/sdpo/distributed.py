@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 import random
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -82,6 +83,7 @@ class Runtime:
     """
 
     def __init__(self, config: SDPOConfig, device: torch.device) -> None:
+        check_dtype(config, device)
         self.config = config
         self.strategy = config.distributed.strategy
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -420,3 +422,61 @@ def lerp_(targets: Sequence[Tensor], sources: Sequence[Tensor], weight: float) -
         pairs = [(t, s) for t, s in zip(targets, sources, strict=True) if _is_sharded(t) == kind]
         if pairs:
             torch._foreach_lerp_([t for t, _ in pairs], [s.detach() for _, s in pairs], weight)
+
+
+# ----- optimizer, learning-rate schedule, dtype policy ------------------------------------------
+
+
+def build_optimizer(
+    runtime: Runtime, model: torch.nn.Module, config: SDPOConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over ``model``'s trainable parameters (:meth:`Runtime.optimizer`) and its schedule."""
+    opt = config.optimization
+    optimizer = runtime.optimizer(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=opt.learning_rate,
+        betas=(opt.adam_beta1, opt.adam_beta2),
+        weight_decay=opt.weight_decay,
+    )
+    return optimizer, build_schedule(optimizer, config)
+
+
+def build_schedule(
+    optimizer: torch.optim.Optimizer, config: SDPOConfig, updates_done: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule of ``config`` positioned after ``updates_done`` optimizer steps:
+    ``lr_t = optimization.learning_rate · factor(t)`` (:func:`lr_schedule`). A resumed run
+    rebuilds it from its own config, so a changed learning rate or schedule takes effect."""
+    opt = config.optimization
+    total = config.run.max_steps * opt.updates_per_batch
+    factor = lr_schedule(opt.lr_scheduler, opt.warmup_steps, total)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = opt.learning_rate
+    # LambdaLR takes one step when built: start one before, so it lands on `updates_done`.
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=updates_done - 1)
+
+
+def lr_schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at update ``t``: linear warm-up, then constant/linear/cosine."""
+
+    def factor(t: int) -> float:
+        if warmup and t < warmup:
+            return (t + 1) / warmup
+        progress = min(max(t - warmup, 0) / max(total - warmup, 1), 1.0)
+        if kind == "linear":
+            return 1.0 - progress
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
+
+
+def check_dtype(config: SDPOConfig, device: torch.device) -> None:
+    """float16 on CPU (weights or compute) trained into NaN weights in the adversarial trial: refuse it."""
+    for key in ("model.dtype", "model.param_dtype"):
+        if device.type == "cpu" and config.get(key) == "float16":
+            raise ValueError(
+                f"{key} = float16 on CPU is not supported (training in it produced NaN weights); "
+                f"use {key}=float32 (or bfloat16), or a CUDA device."
+            )

@@ -202,6 +202,32 @@ def call_reward_model(
     return outputs, log
 
 
+def checked_scores(outputs: Sequence[Any], prompts: Sequence[Any], name: str) -> Any:
+    """The outputs' scores as a ``[N]`` float32 tensor, each checked to be a finite number there;
+    a bad one raises :class:`RewardFunctionError` naming the reward model ``name`` and the row."""
+    import torch  # here: defining rewards needs no torch
+
+    scores = []
+    for i, out in enumerate(outputs):
+        try:
+            scores.append(float(out.score))
+        except (TypeError, ValueError, AttributeError):
+            raise RewardFunctionError(
+                f"Reward model {name!r} returned {getattr(out, 'score', out)!r} as the score of "
+                f"row {i} (prompt {prompts[i]!r:.60}); a score must be a finite number."
+            ) from None
+    rewards = torch.tensor(scores, dtype=torch.float32)
+    bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+    if bad:
+        i = bad[0]
+        raise RewardFunctionError(
+            f"Reward model {name!r} gave row {i} (prompt {prompts[i]!r:.60}) the score "
+            f"{scores[i]!r}, which is not a finite float32 (|score| < 3.4e38); "
+            f"{len(bad)} of {len(scores)} rows are affected."
+        )
+    return rewards
+
+
 # ----- math ---------------------------------------------------------------------------------------
 
 

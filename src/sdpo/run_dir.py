@@ -14,17 +14,30 @@ never what they point to).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
 import math
 import os
+import re
 import shutil
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 LOCK_FILE = ".lock"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl")
+LOG_FILES = ("metrics.jsonl", "samples.jsonl")
+# The checkpoints' names (sdpo.checkpoint writes them): complete, being re-saved, being written.
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+OLD_RE = re.compile(r"^\.old-checkpoint-(\d+)-\d+$")
+TMP_RE = re.compile(r"^\.tmp-checkpoint-\d+-\d+$")
+FINAL_LEFTOVER_RE = re.compile(r"^\.(tmp|old)-final-\d+$")  # an interrupted save of final/
+ABANDONED_RE = re.compile(r"^abandoned-\d{8}-\d{6}(-\d+)?$")  # set aside by a resume
+MANIFEST = "manifest.json"  # written last: a checkpoint directory without it is incomplete
 
 
 class RunDirectoryError(RuntimeError):
@@ -34,8 +47,12 @@ class RunDirectoryError(RuntimeError):
 class RunDirectory:
     """Owns ``path`` for one run: :meth:`claim` before writing, :meth:`release` at the end."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, main: bool = True, overwrite: bool = False) -> None:
         self.path = Path(path)
+        self.main = main  # the process that writes the run's files (rank 0)
+        self.overwrite = overwrite  # run.overwrite_output_dir: an earlier run's files may go
+        self.owned = False  # the files in it are this run's (it claimed it, or resumes in it)
+        self.resumed_step: int | None = None  # resuming in it from this step: a new timeline
         self._lock: int | None = None
 
     @property
@@ -91,6 +108,31 @@ class RunDirectory:
             raise
         self._lock = fd
 
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold the lock for a block, re-entrant; on the main process only (others yield at once).
+
+        The first claim checks the directory as :meth:`claim` does (with ``owned`` and
+        ``overwrite``) and, resuming in it, sets the earlier timeline's later state aside
+        (:func:`set_aside_newer`); every claim recovers what an interrupted save left
+        (:func:`cleanup`).
+        """
+        if self.claimed or not self.main:
+            yield
+            return
+        self.claim(own=self.owned, overwrite=self.overwrite)
+        try:
+            cleanup(self.path)
+            if self.owned and self.resumed_step is not None:
+                moved = set_aside_newer(self.path, self.resumed_step)  # a branch
+                if moved:
+                    print(moved, file=sys.stderr)
+                self.resumed_step = None
+            self.owned = True
+            yield
+        finally:
+            self.release()
+
     def release(self) -> None:
         """Unlock (closing the descriptor drops the flock)."""
         if self._lock is not None:
@@ -116,8 +158,6 @@ class RunDirectory:
 
 def is_run_file(name: str) -> bool:
     """Whether sdpo writes (or removes) ``name`` in a run directory."""
-    from sdpo.checkpoint import ABANDONED_RE, CHECKPOINT_RE, FINAL_LEFTOVER_RE, OLD_RE, TMP_RE
-
     patterns = (CHECKPOINT_RE, OLD_RE, TMP_RE, ABANDONED_RE, FINAL_LEFTOVER_RE)
     return name in (LOCK_FILE, "final", *RUN_FILES) or any(r.match(name) for r in patterns)
 
@@ -177,3 +217,86 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def cleanup(run_dir: Path) -> None:
+    """Recover or remove what an interrupted save left behind (call while holding the run's lock).
+
+    A complete ``.old-checkpoint-N-*`` whose ``checkpoint-N`` is missing or incomplete is renamed
+    back; other ``.old-`` and every ``.tmp-checkpoint-`` directory is removed.
+    """
+    if not run_dir.is_dir():
+        return
+    for entry in sorted(run_dir.iterdir()):
+        old = OLD_RE.match(entry.name)
+        if old:
+            final = run_dir / f"checkpoint-{old.group(1)}"
+            if (entry / MANIFEST).exists() and not (final / MANIFEST).exists():
+                shutil.rmtree(final, ignore_errors=True)
+                entry.rename(final)
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
+        elif TMP_RE.match(entry.name):
+            shutil.rmtree(entry, ignore_errors=True)
+        elif FINAL_LEFTOVER_RE.match(entry.name):
+            final = run_dir / "final"
+            if entry.name.startswith(".old-") and not final.exists():
+                entry.rename(final)  # the crash came between the two renames of a re-save
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def set_aside_newer(run_dir: Path, step: int) -> str | None:
+    """Make a resume from step ``step`` in its own run directory a new timeline.
+
+    Moved into ``run_dir/abandoned-{UTC time}/`` (kept, never deleted): every checkpoint newer
+    than ``step`` (complete or not), ``final/`` (the earlier timeline's end; the resumed run writes
+    its own), and the lines of ``metrics.jsonl`` / ``samples.jsonl`` whose ``step`` is greater.
+    Afterwards the run directory holds one timeline: its newest checkpoint is the one resumed,
+    ``--resume RUN`` continues the branch, and pruning never removes the branch's checkpoints.
+    Returns the one line to print, or None when there was nothing to move. Call it while holding
+    the run directory's lock.
+    """
+    newer = sorted(
+        p
+        for p in run_dir.iterdir()
+        if (m := CHECKPOINT_RE.match(p.name) or OLD_RE.match(p.name)) and int(m.group(1)) > step
+    )
+    final = run_dir / "final"
+    has_final = final.exists() or final.is_symlink()
+    later = {name: _split_log(run_dir / name, step) for name in LOG_FILES}
+    if not newer and not has_final and not any(late for _, late in later.values()):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    aside, n = run_dir / f"abandoned-{stamp}", 1
+    while aside.exists():
+        aside, n = run_dir / f"abandoned-{stamp}-{n}", n + 1
+    aside.mkdir()
+    moved = [p.name for p in newer] + (["final"] if has_final else [])
+    for p in [*newer, *([final] if has_final else [])]:
+        p.rename(aside / p.name)
+    for name, (keep, late) in later.items():
+        if late:
+            write_text_atomic(aside / name, "".join(late))
+            write_text_atomic(run_dir / name, "".join(keep))
+            moved.append(f"{len(late)} {name} lines of steps > {step}")
+    fsync_dir(run_dir)
+    return (
+        f"sdpo: resuming step {step} starts a new timeline; the earlier one's later state "
+        f"({', '.join(moved)}) moved to {aside}/"
+    )
+
+
+def _split_log(file: Path, step: int) -> tuple[list[str], list[str]]:
+    """(lines to keep, lines of steps > ``step``) of a JSON-lines log; unreadable lines are kept."""
+    if not file.is_file():
+        return [], []
+    keep, late = [], []
+    for line in file.read_text().splitlines(keepends=True):
+        try:
+            record_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            record_step = None
+        target = late if isinstance(record_step, int) and record_step > step else keep
+        target.append(line if line.endswith("\n") else line + "\n")
+    return keep, late

@@ -165,18 +165,12 @@ class Teacher:
         else:  # the copy's own parameters: FSDP may have replaced them with shards since
             lerp_(list(self.copy.parameters()), list(self.policy.model.parameters()), self.rate)
 
-    def state_dict(self) -> dict[str, Tensor]:
-        """What a checkpoint must hold to restore this teacher (the EMA weights or adapter)."""
-        if self.kind != "ema":
-            return {}
-        if self.policy.is_lora:
-            return lora.adapter_state(self.policy.model, lora.TEACHER)
-        return self.copy.state_dict()
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        if self.kind != "ema":
-            return
-        if self.policy.is_lora:
-            lora.load_adapter_state(self.policy.model, lora.TEACHER, state)
-        else:
-            self.copy.load_state_dict(state)
+    def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
+        """The networks a checkpoint must hold to restore this teacher: the EMA copy and the
+        reference copy (full fine-tuning; LoRA adapters are saved with the policy's)."""
+        modules = {}
+        if self.copy is not None:
+            modules["teacher"] = self.copy
+        if self.reference is not None and self.reference.module is not None:
+            modules["reference"] = self.reference.module
+        return modules
