@@ -39,8 +39,6 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
-from sdpo import lora
-
 # The run directory's names, the recovery of interrupted saves and the timeline rule live with the
 # run directory (sdpo.run_dir, which holds the lock they need); re-exported here.
 from sdpo.run_dir import (  # noqa: F401
@@ -115,15 +113,7 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     # The policy directory loads with `from_pretrained` as well as into a running trainer.
-    if getattr(policy, "is_lora", False):  # adapters in PEFT's format: policy/ and teacher/
-        lora.save_checkpoint_adapters(policy, tmp)
-    else:
-        (tmp / "policy").mkdir()
-        save_model(
-            policy.model, str(tmp / "policy" / "model.safetensors"), metadata={"format": "pt"}
-        )
-        policy.model.config.save_pretrained(tmp / "policy")
-        policy.tokenizer.save_pretrained(tmp / "policy")
+    policy.save_weights(tmp)
     for name, module in modules.items():
         save_model(module, str(tmp / f"{name}.safetensors"))
     for name, obj in objects.items():
@@ -273,17 +263,7 @@ def load_checkpoint(
 
     ``path`` should come from :func:`resolve_checkpoint` (which checks the files).
     """
-    if getattr(policy, "is_lora", False):
-        lora.load_checkpoint_adapters(policy, path)
-    elif not (path / "policy" / "model.safetensors").exists():
-        raise FileNotFoundError(
-            f"{path}/policy holds no full model weights (a LoRA checkpoint?); resume it with the "
-            "same model.lora settings."
-        )
-    else:
-        load_model(
-            policy.model, str(path / "policy" / "model.safetensors"), device=str(policy.device)
-        )
+    policy.load_weights(path)
     for name, module in modules.items():
         file = path / f"{name}.safetensors"
         if not file.exists():

@@ -11,7 +11,6 @@ when complete, so a failed export never replaces a good one.
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 from pathlib import Path
@@ -91,14 +90,8 @@ def save_pretrained_dir(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model = policy.model
-    if getattr(policy, "is_lora", False):
-        # A LoRA policy: the adapter in PEFT's format under adapter/, and the loadable model
-        # itself with the student's adapter merged into a copy of the base weights.
-        from sdpo import lora
-
-        lora.save_adapter(model, tmp / "adapter", lora.student_adapter(model), policy.name)
-        model = lora.merged(copy.deepcopy(model))
+    # A LoRA policy: the adapter in PEFT's format under adapter/, the model itself merged.
+    model = policy.standalone_model(adapter_dir=tmp / "adapter")
     model.save_pretrained(tmp, state_dict=state_dict)  # LoRA is not combined with fsdp
     policy.tokenizer.save_pretrained(tmp)
     generation_config(policy, generation).save_pretrained(tmp)

@@ -8,6 +8,7 @@ reprompt positions never cost a ``[positions, vocab]`` tensor.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import os
@@ -24,6 +25,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from sdpo import lora
 from sdpo.config import GenerationConfig
 from sdpo.lora import is_peft_model
 from sdpo.train_mode import eval_scope
@@ -126,6 +128,46 @@ class PolicyModel:
     def is_lora(self) -> bool:
         """True when the policy is a PEFT model (a frozen base plus a trained adapter)."""
         return is_peft_model(self.model)
+
+    # ----- weights: adapter or full, decided here once ------------------------------------------
+
+    def save_weights(self, directory: Path) -> None:
+        """A checkpoint's trained weights, ``from_pretrained``-loadable: for a LoRA policy the
+        adapters in PEFT's format (``policy/``, and ``teacher/`` with an EMA teacher; the base never
+        changes), else ``policy/model.safetensors`` with the model config and tokenizer."""
+        if self.is_lora:
+            lora.save_checkpoint_adapters(self, directory)
+            return
+        from safetensors.torch import save_model
+
+        (directory / "policy").mkdir()
+        save_model(self.model, str(directory / "policy" / "model.safetensors"), {"format": "pt"})
+        self.model.config.save_pretrained(directory / "policy")
+        self.tokenizer.save_pretrained(directory / "policy")
+
+    def load_weights(self, directory: Path) -> None:
+        """Restore what :meth:`save_weights` wrote into this (running) policy, in place."""
+        if self.is_lora:
+            lora.load_checkpoint_adapters(self, directory)
+            return
+        from safetensors.torch import load_model
+
+        file = directory / "policy" / "model.safetensors"
+        if not file.exists():
+            raise FileNotFoundError(
+                f"{directory}/policy holds no full model weights (a LoRA checkpoint?); resume it "
+                "with the same model.lora settings."
+            )
+        load_model(self.model, str(file), device=str(self.device))
+
+    def standalone_model(self, adapter_dir: Path) -> PreTrainedModel:
+        """The model a ``save_pretrained`` directory holds: for a LoRA policy its adapter merged
+        into a copy of the base (the adapter itself written to ``adapter_dir``, PEFT's format),
+        else the model as it is."""
+        if not self.is_lora:
+            return self.model
+        lora.save_adapter(self.model, adapter_dir, lora.student_adapter(self.model), self.name)
+        return lora.merged(copy.deepcopy(self.model))
 
     @property
     def eos_token_id(self) -> int:
