@@ -8,11 +8,11 @@ import math
 import time
 from pathlib import Path
 
+import conftest
 import pytest
-from conftest import make_tiny_llama
 from torch.utils.data import DataLoader
 
-from sdpo import PolicyModel, SDPOConfig, SDPOTrainer
+from sdpo import SDPOConfig, SDPOTrainer
 from sdpo.data import load_rows
 from sdpo.reward_model import RewardFunctionError, RewardModel, RewardOutput, VerifiableRewardModel
 
@@ -23,23 +23,19 @@ def parity_reward(prompts, completions, **columns):
     return [float(sum(map(ord, c)) % 2 == 0) for c in completions]
 
 
+DEFAULTS = dict(
+    num_samples_per_prompt=2,
+    generation__max_new_tokens=4,
+    optimization__prompts_per_step=2,
+    run__max_steps=1,
+    run__progress_bar=False,
+    run__sample_log_steps=1,
+)
+
+
 def make_trainer(tmp_path: Path, reward=parity_reward, rows=ROWS, **overrides) -> SDPOTrainer:
-    base = dict(
-        num_samples_per_prompt=2,
-        generation__max_new_tokens=4,
-        optimization__prompts_per_step=2,
-        run__max_steps=1,
-        run__output_dir=str(tmp_path / "run"),
-        run__progress_bar=False,
-        run__sample_log_steps=1,
-    )
-    base.update(overrides)
-    model, tok = make_tiny_llama()
-    return SDPOTrainer(
-        config=SDPOConfig(**base),
-        policy_model=PolicyModel(model=model, tokenizer=tok),
-        reward_model=reward,
-        train_dataloader=rows,
+    return conftest.make_trainer(
+        tmp_path / "run", reward=reward, rows=rows, defaults=DEFAULTS, **overrides
     )
 
 

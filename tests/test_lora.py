@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import conftest
 import pytest
 import torch
 from conftest import make_tiny_gpt2, make_tiny_llama
@@ -28,30 +29,30 @@ def parity_reward(prompts, completions, **columns):
     return [float(sum(map(ord, c)) % 2 == 0) for c in completions]
 
 
+DEFAULTS = dict(
+    num_samples_per_prompt=4,
+    generation__max_new_tokens=6,
+    optimization__prompts_per_step=2,
+    optimization__learning_rate=1e-2,
+    run__max_steps=3,
+    run__progress_bar=False,
+    model__lora__r=4,
+)
+
+
 def make_config(tmp_path, **overrides) -> SDPOConfig:
-    base = dict(
-        num_samples_per_prompt=4,
-        generation__max_new_tokens=6,
-        optimization__prompts_per_step=2,
-        optimization__learning_rate=1e-2,
-        run__max_steps=3,
-        run__output_dir=str(tmp_path / "run"),
-        run__progress_bar=False,
-        model__lora__r=4,
-    )
-    base.update(overrides)
-    return SDPOConfig(**base)
+    return SDPOConfig(**{**DEFAULTS, "run__output_dir": str(tmp_path / "run"), **overrides})
 
 
 def make_trainer(tmp_path, model=None, tok=None, eval_dataloader=None, **overrides) -> SDPOTrainer:
-    if model is None:
-        model, tok = make_tiny_llama()
-    return SDPOTrainer(
-        config=make_config(tmp_path, **overrides),
-        policy_model=PolicyModel(model=model, tokenizer=tok),
-        reward_model=parity_reward,
-        train_dataloader=ROWS,
-        eval_dataloader=eval_dataloader,
+    return conftest.make_trainer(
+        tmp_path / "run",
+        reward=parity_reward,
+        rows=ROWS,
+        eval_rows=eval_dataloader,
+        policy=None if model is None else PolicyModel(model=model, tokenizer=tok),
+        defaults=DEFAULTS,
+        **overrides,
     )
 
 
