@@ -199,6 +199,7 @@ def evaluate_policy(
     max_prompt_length: int | None = None,
     greedy: bool = True,
     trainer_state: Any = None,
+    sampler: Any = None,
 ) -> EvalResult:
     """Greedy and ``num_samples`` sampled completions per prompt, scored by ``reward_model``.
 
@@ -207,6 +208,8 @@ def evaluate_policy(
     ``batch_size`` is the number of completions generated per call. Prompts longer than
     ``max_prompt_length`` tokens are skipped and counted. Correct = reward >= ``success_threshold``.
     ``trainer_state`` reaches the reward functions (TRL's keyword; default: a fresh one).
+    ``sampler``: the run's :class:`~sdpo.generation.GenerationBackend` (e.g. vLLM), so evaluation
+    samples as training does; default: the policy's own HF sampler with ``generation``.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
@@ -226,11 +229,11 @@ def evaluate_policy(
         if greedy:
             _generate_and_score(
                 policy, reward_model, kept, encoded, records, 1, generation, True, batch_size,
-                success_threshold, trainer_state,
+                success_threshold, trainer_state, sampler,
             )  # fmt: skip
         _generate_and_score(
             policy, reward_model, kept, encoded, records, num_samples, generation, False,
-            batch_size, success_threshold, trainer_state,
+            batch_size, success_threshold, trainer_state, sampler,
         )  # fmt: skip
     return EvalResult(summarize(records), records, skipped_prompts=len(rows) - len(kept))
 
@@ -247,12 +250,19 @@ def _generate_and_score(
     batch_size: int,
     threshold: float,
     trainer_state: Any = None,
+    sampler: Any = None,
 ) -> None:
     """Fill ``records`` with ``g`` completions per prompt (greedy: the ``greedy_*`` fields)."""
     per_call = max(1, batch_size // g)
     for start in range(0, len(rows), per_call):
         batch, ids = rows[start : start + per_call], encoded[start : start + per_call]
-        _, _, completion_ids, completion_mask = policy.generate(ids, g, generation, greedy=greedy)
+        if sampler is None:
+            _, _, completion_ids, completion_mask = policy.generate(
+                ids, g, generation, greedy=greedy
+            )
+        else:
+            out = sampler.generate(ids, g, greedy=greedy)
+            completion_ids, completion_mask = out.completion_ids, out.completion_mask
         completions = policy.decode(completion_ids, completion_mask)
         expanded = [row for row in batch for _ in range(g)]
         outputs, _ = call_reward_model(

@@ -349,6 +349,7 @@ class SDPOTrainer:
                 batch_size=max(cfg.optimization.prompts_per_step * cfg.num_samples_per_prompt, 1),
                 max_prompt_length=cfg.model.max_prompt_length,
                 trainer_state=self.trainer_state(),
+                sampler=self.generator,  # as training samples (vLLM included)
             )
         metrics = {f"eval/{k}": v for k, v in result.metrics.items()}
         self.log.metrics(self.global_step, metrics)
