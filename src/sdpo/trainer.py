@@ -7,7 +7,10 @@
              update(rollouts, contexts)            forward -> loss -> backward -> optimizer -> teacher
 
 Loss = pg_loss_weight·L_pg + distillation_weight·L_distill + kl_penalty_weight·L_kl, every term
-normalized by whole-step counts, so the gradient does not depend on the micro-batch size.
+normalized by whole-step counts, so the gradient does not depend on the micro-batch size
+(:mod:`sdpo.loss`). Bookkeeping has its own owners: :mod:`sdpo.checkpointer` (checkpoints and
+resume), :mod:`sdpo.run_log` (metrics, samples, trackers), :class:`sdpo.run_dir.RunDirectory`
+(the directory's lock), :mod:`sdpo.distributed` (devices, dtypes, processes, the optimizer).
 """
 
 from __future__ import annotations
