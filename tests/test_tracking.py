@@ -8,10 +8,10 @@ import json
 import struct
 from pathlib import Path
 
+import conftest
 import pytest
-from conftest import make_tiny_llama
 
-from sdpo import PolicyModel, SDPOConfig, SDPOTrainer
+from sdpo import SDPOConfig
 from sdpo.tracking import MissingTrackerError, check_trackers
 
 pytest.importorskip("tensorboard", reason="the dev extra installs tensorboard")
@@ -24,25 +24,25 @@ def odd_length(prompts, completions, **columns):
     return [(float(len(c) % 2), "odd lengths win") for c in completions]
 
 
+DEFAULTS = dict(
+    num_samples_per_prompt=2,
+    generation__max_new_tokens=3,
+    optimization__prompts_per_step=2,
+    run__max_steps=3,
+    run__progress_bar=False,
+    run__sample_log_steps=1,
+)
+
+
 def make_trainer(tmp_path, report_to, **overrides):
-    model, tok = make_tiny_llama()
-    config = SDPOConfig(
-        num_samples_per_prompt=2,
-        generation__max_new_tokens=3,
-        optimization__prompts_per_step=2,
-        run__max_steps=3,
-        run__output_dir=str(tmp_path / "run"),
-        run__progress_bar=False,
-        run__sample_log_steps=1,
+    return conftest.make_trainer(
+        tmp_path / "run",
+        reward=odd_length,
+        rows=ROWS,
+        eval_rows=ROWS[:2],
+        defaults=DEFAULTS,
         run__report_to=report_to,
         **overrides,
-    )
-    return SDPOTrainer(
-        config=config,
-        policy_model=PolicyModel(model=model, tokenizer=tok),
-        reward_model=odd_length,
-        train_dataloader=ROWS,
-        eval_dataloader=ROWS[:2],
     )
 
 

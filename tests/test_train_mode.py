@@ -4,11 +4,12 @@ in train mode, and gradient checkpointing still runs; ``model.dropout=true`` kee
 
 from __future__ import annotations
 
+import conftest
 import pytest
 import torch
 from conftest import make_tiny_gpt2, make_tiny_llama, scored_batch
 
-from sdpo import PolicyModel, SDPOConfig, SDPOTrainer
+from sdpo import PolicyModel, SDPOTrainer
 
 ROWS = [{"prompt": f"Q: {a}+{b}=", "answer": str(a + b)} for a in range(10, 12) for b in (20, 21)]
 
@@ -31,26 +32,28 @@ def _model(arch: str, seed: int = 0):
     return model, tok
 
 
+DEFAULTS = dict(
+    num_samples_per_prompt=4,
+    generation__max_new_tokens=6,
+    generation__min_new_tokens=6,
+    optimization__prompts_per_step=2,
+    optimization__micro_batch_size=8,
+    optimization__updates_per_batch=2,
+    policy_gradient__kl_penalty_weight=0.0,
+    run__progress_bar=False,
+)
+
+
 def _trainer(tmp_path, arch="llama", train_mode=True, **overrides) -> SDPOTrainer:
     model, tok = _model(arch)
     model.train(train_mode)
-    base = dict(
-        num_samples_per_prompt=4,
-        generation__max_new_tokens=6,
-        generation__min_new_tokens=6,
-        optimization__prompts_per_step=2,
-        optimization__micro_batch_size=8,
-        optimization__updates_per_batch=2,
-        policy_gradient__kl_penalty_weight=0.0,
-        run__output_dir=str(tmp_path / "run"),
-        run__progress_bar=False,
-    )
-    base.update(overrides)
-    return SDPOTrainer(
-        config=SDPOConfig(**base),
-        policy_model=PolicyModel(model=model, tokenizer=tok),
-        reward_model=one_success_per_group,
-        train_dataloader=ROWS,
+    return conftest.make_trainer(
+        tmp_path / "run",
+        reward=one_success_per_group,
+        rows=ROWS,
+        policy=PolicyModel(model=model, tokenizer=tok),
+        defaults=DEFAULTS,
+        **overrides,
     )
 
 
