@@ -400,6 +400,9 @@ def test_weights_pushed_to_an_inference_engine_are_the_merged_policy(tmp_path):
     )
     pushed = dict(iter_full_weights(trainer.policy.model, torch.float32))
     assert pushed.keys() == dict(base.named_parameters()).keys()
+    # The vLLM backend asks the policy, which decides adapter-merged or full: the same tensors.
+    asked = dict(trainer.policy.full_weights(torch.float32))
+    assert asked.keys() == pushed.keys() and all(torch.equal(asked[k], pushed[k]) for k in asked)
     merged = copy.deepcopy(peft_model).merge_and_unload()
     for name, tensor in merged.named_parameters():
         torch.testing.assert_close(pushed[name], tensor.detach(), rtol=0, atol=1e-6)

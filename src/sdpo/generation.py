@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,7 +23,11 @@ import torch
 from torch import Tensor
 
 from sdpo.config import GenerationConfig
-from sdpo.policy_model import PolicyModel, completion_tokens_mask
+from sdpo.policy_model import (  # noqa: F401 (iter_full_weights: re-exported)
+    PolicyModel,
+    completion_tokens_mask,
+    iter_full_weights,
+)
 
 BACKENDS = ("hf", "vllm")
 IS_LEVELS = ("token", "sequence", "none")
@@ -326,7 +329,7 @@ class VLLMBackend:
         self.llm.collective_rpc(
             "reload_weights",
             kwargs={
-                "weights_iterator": iter_full_weights(self.policy.model, self.dtype),
+                "weights_iterator": self.policy.full_weights(self.dtype),
                 "is_checkpoint_format": True,  # HF names and layouts; vLLM fuses qkv etc.
             },
         )
@@ -394,25 +397,6 @@ class VLLMBackend:
         lengths = torch.tensor([len(t) for t in tokens], device=device)
         c_mask = c_mask * (torch.arange(width, device=device) < lengths[:, None]).long()
         return Completions(ids, mask, c_ids, c_mask, c_lp.to(device) * c_mask)
-
-
-def iter_full_weights(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, Tensor]]:
-    """``(name, tensor)`` for every parameter, one at a time, cast to ``dtype``.
-
-    A sharded parameter (a DTensor, as FSDP2 makes them) is gathered to its full tensor here, one
-    tensor at a time, so the push never holds more than one unsharded parameter; every rank must
-    iterate (the gather is a collective).
-    """
-    from sdpo import lora
-
-    if lora.is_peft_model(model):  # LoRA: the merged weights under the base model's names
-        yield from lora.iter_merged_weights(model, dtype)
-        return
-    for name, param in model.named_parameters():
-        tensor = param.detach()
-        if hasattr(tensor, "full_tensor"):
-            tensor = tensor.full_tensor()
-        yield name, tensor.to(dtype)
 
 
 def _retie_lm_head(worker: Any) -> None:

@@ -12,6 +12,7 @@ import copy
 import inspect
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,12 @@ class PolicyModel:
         lora.save_adapter(self.model, adapter_dir, lora.student_adapter(self.model), self.name)
         return lora.merged(copy.deepcopy(self.model))
 
+    def full_weights(self, dtype: torch.dtype) -> Iterator[tuple[str, Tensor]]:
+        """What an inference engine loads (a vLLM weight push): every weight under the base
+        architecture's names, one tensor at a time, cast to ``dtype``; a LoRA policy's adapter
+        merged in (:func:`iter_full_weights`)."""
+        return iter_full_weights(self.model, dtype)
+
     @property
     def eos_token_id(self) -> int:
         return self.tokenizer.eos_token_id
@@ -312,6 +319,23 @@ class PolicyModel:
         )
         head = prefix.last_hidden_state[:, -1:][inverse]
         return torch.cat([head, rest.last_hidden_state], dim=1)
+
+
+def iter_full_weights(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, Tensor]]:
+    """``(name, tensor)`` for every parameter, one at a time, cast to ``dtype``.
+
+    A sharded parameter (a DTensor, as FSDP2 makes them) is gathered to its full tensor here, one
+    tensor at a time, so the push never holds more than one unsharded parameter; every rank must
+    iterate (the gather is a collective).
+    """
+    if is_peft_model(model):  # LoRA: the merged weights under the base model's names
+        yield from lora.iter_merged_weights(model, dtype)
+        return
+    for name, param in model.named_parameters():
+        tensor = param.detach()
+        if hasattr(tensor, "full_tensor"):
+            tensor = tensor.full_tensor()
+        yield name, tensor.to(dtype)
 
 
 def unwrap(model: torch.nn.Module) -> PreTrainedModel:
