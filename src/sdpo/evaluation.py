@@ -26,7 +26,7 @@ import torch
 from sdpo import checkpoint as ckpt
 from sdpo.config import GenerationConfig
 from sdpo.policy_model import completion_id_lists
-from sdpo.reward_model import RewardModel, call_reward_model, normalize_answer
+from sdpo.reward_model import RewardModel, call_reward_model, normalize_answer, success_scores
 
 # ----- the figures (pure) ------------------------------------------------------------------------
 
@@ -200,6 +200,7 @@ def evaluate_policy(
     greedy: bool = True,
     trainer_state: Any = None,
     sampler: Any = None,
+    progress: Any = None,
 ) -> EvalResult:
     """Greedy and ``num_samples`` sampled completions per prompt, scored by ``reward_model``.
 
@@ -210,6 +211,8 @@ def evaluate_policy(
     ``trainer_state`` reaches the reward functions (TRL's keyword; default: a fresh one).
     ``sampler``: the run's :class:`~sdpo.generation.GenerationBackend` (e.g. vLLM), so evaluation
     samples as training does; default: the policy's own HF sampler with ``generation``.
+    ``progress`` (e.g. :class:`sdpo.progress.Progress`) gets ``update(n)`` per generated batch of
+    n completions and ``close()`` at the end.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
@@ -229,12 +232,14 @@ def evaluate_policy(
         if greedy:
             _generate_and_score(
                 policy, reward_model, kept, encoded, records, 1, generation, True, batch_size,
-                success_threshold, trainer_state, sampler,
+                success_threshold, trainer_state, sampler, progress,
             )  # fmt: skip
         _generate_and_score(
             policy, reward_model, kept, encoded, records, num_samples, generation, False,
-            batch_size, success_threshold, trainer_state, sampler,
+            batch_size, success_threshold, trainer_state, sampler, progress,
         )  # fmt: skip
+    if progress is not None:
+        progress.close()
     return EvalResult(summarize(records), records, skipped_prompts=len(rows) - len(kept))
 
 
@@ -251,6 +256,7 @@ def _generate_and_score(
     threshold: float,
     trainer_state: Any = None,
     sampler: Any = None,
+    progress: Any = None,
 ) -> None:
     """Fill ``records`` with ``g`` completions per prompt (greedy: the ``greedy_*`` fields)."""
     per_call = max(1, batch_size // g)
@@ -273,14 +279,17 @@ def _generate_and_score(
             trainer_state=trainer_state,
         )
         lengths = completion_mask.sum(-1).tolist()
+        judged = success_scores(reward_model, outputs)  # several functions: the success rule
+        if progress is not None:
+            progress.update(len(completions))
         for j, record in enumerate(records[start : start + len(batch)]):
             outs = outputs[j * g : (j + 1) * g]
             if greedy:
                 record["greedy_completion"] = completions[j]
                 record["greedy_reward"] = float(outs[0].score)
-                record["greedy_correct"] = float(outs[0].score) >= threshold
+                record["greedy_correct"] = judged[j] >= threshold
                 continue
-            correct = [float(o.score) >= threshold for o in outs]
+            correct = [x >= threshold for x in judged[j * g : (j + 1) * g]]
             answers = [extracted_answer(o.info) for o in outs]
             has_answers = all("extracted_answer" in (o.info or {}) for o in outs)
             record.update(

@@ -53,6 +53,7 @@ class RolloutBatch:
     group_ids: Tensor
     rows: list[dict[str, Any]]
     rewards: Tensor | None = None
+    success_scores: list[float] = field(default_factory=list)  # vs success_reward_threshold
     feedback: list[str | None] = field(default_factory=list)
     reward_info: list[dict[str, Any]] = field(default_factory=list)
     reward_metrics: dict[str, float] = field(default_factory=dict)  # from reward fns' log_metric

@@ -29,6 +29,7 @@ import inspect
 import math
 import re
 import signal
+import statistics
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -199,6 +200,14 @@ def call_reward_model(
         raise ValueError(
             f"Reward model {reward_model.name!r} returned {len(outputs)} results for {len(rows)} completions."
         )
+    context = columns.get("privileged_context")
+    if (
+        context is not None
+    ):  # TRL's column of environment feedback, used where the reward gives none
+        outputs = [
+            o if o.feedback or not c else RewardOutput(o.score, str(c), o.info)
+            for o, c in zip(outputs, context, strict=True)
+        ]
     return outputs, log
 
 
@@ -784,6 +793,7 @@ class CombinedRewardModel(RewardModel):
         models: Sequence[RewardModel | Callable[..., Any]],
         weights: Sequence[float] | None = None,
         on_error: str = "raise",
+        success: str | None = None,
     ) -> None:
         if not models:
             raise ValueError("CombinedRewardModel needs at least one reward model.")
@@ -800,6 +810,24 @@ class CombinedRewardModel(RewardModel):
             nm if names.count(nm) == 1 else f"{nm}_{names[:i].count(nm) + 1}"
             for i, nm in enumerate(names)
         ]
+        if success not in (None, "sum", *self.names):
+            raise ValueError(
+                f"self_distillation.success_reward = {success!r} is not one of the reward "
+                f"functions ({', '.join(self.names)}); name one of them, 'sum', or None (the first)."
+            )
+        self.success = success
+
+    def success_score(self, output: RewardOutput) -> float:
+        """The score success is judged on (against ``success_reward_threshold``).
+
+        The rule: ``success=None`` (default) judges the first function's own, unweighted score;
+        ``success=NAME`` that function's; ``success="sum"`` the weighted sum (the training reward).
+        So a format bonus listed after the correctness reward never makes a wrong answer a
+        success (a demonstration for its siblings), while it still adds to the reward."""
+        if self.success == "sum":
+            return float(output.score)
+        name = self.success or self.names[0]
+        return float(output.info[name]["score"])
 
     def __call__(
         self, prompts: list[Prompt], completions: list[str], **columns: list[Any]
@@ -825,8 +853,34 @@ class CombinedRewardModel(RewardModel):
         return combined
 
 
-def as_reward_model(obj: Any, on_error: str = "raise") -> RewardModel:
-    """A :class:`RewardModel` from a reward model, a plain function, or a list of them (summed)."""
+def as_reward_model(
+    obj: Any,
+    on_error: str = "raise",
+    weights: Sequence[float] | None = None,
+    success: str | None = None,
+) -> RewardModel:
+    """A :class:`RewardModel` from a reward model, a plain function, or a list of them (their
+    ``weights``-weighted sum, TRL's ``reward_weights``; ``success``: see
+    :meth:`CombinedRewardModel.success_score`)."""
+    if weights is not None or (success not in (None, "sum") and not isinstance(obj, (list, tuple))):
+        if isinstance(obj, CombinedRewardModel):
+            if weights is not None:
+                raise ValueError(
+                    "data.reward_weights is set and the reward is a CombinedRewardModel with its "
+                    "own weights; give the weights once."
+                )
+            return CombinedRewardModel(obj.models, obj.weights, on_error, success)
+        models = list(obj) if isinstance(obj, (list, tuple)) else [obj]
+        if weights is not None and len(weights) != len(models):
+            raise ValueError(
+                f"data.reward_weights has {len(weights)} weights for {len(models)} reward "
+                "functions; give one weight per function, in the order of the functions."
+            )
+        return CombinedRewardModel(models, weights, on_error, success)
+    if isinstance(obj, CombinedRewardModel) and success is not None:
+        return CombinedRewardModel(obj.models, obj.weights, on_error, success)
+    if isinstance(obj, (list, tuple)) and (len(obj) > 1 or success not in (None, "sum")):
+        return CombinedRewardModel(obj, on_error=on_error, success=success)
     if isinstance(obj, RewardModel):
         return obj
     if isinstance(obj, (list, tuple)):
@@ -840,3 +894,27 @@ def as_reward_model(obj: Any, on_error: str = "raise") -> RewardModel:
     raise TypeError(
         f"Expected a RewardModel, a function fn(prompts, completions, **columns), or a list of them; got {type(obj).__name__}."
     )
+
+
+def success_scores(reward_model: RewardModel, outputs: Sequence[RewardOutput]) -> list[float]:
+    """Per completion, the score compared with ``success_reward_threshold``: the score itself for
+    one reward function; for several, :meth:`CombinedRewardModel.success_score`'s rule."""
+    judge = getattr(reward_model, "success_score", None)
+    return [float(judge(o)) if judge else float(o.score) for o in outputs]
+
+
+def reward_metrics(reward_model: RewardModel, outputs: Sequence[RewardOutput]) -> dict[str, float]:
+    """TRL's per-function metrics ``rewards/<name>/mean`` and ``rewards/<name>/std`` (unbiased
+    std over this batch's completions, 0 for one completion): each function's own, unweighted
+    score."""
+    names = getattr(reward_model, "names", None)
+    columns = (
+        {nm: [float(o.info[nm]["score"]) for o in outputs] for nm in names}
+        if names
+        else {reward_model.name: [float(o.score) for o in outputs]}
+    )
+    out = {}
+    for name, values in columns.items():
+        out[f"rewards/{name}/mean"] = statistics.fmean(values) if values else 0.0
+        out[f"rewards/{name}/std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return out
