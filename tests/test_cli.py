@@ -137,11 +137,19 @@ def test_a_task_and_a_train_file_in_one_layer_is_a_clear_error(tmp_path, capsys)
         (["--learning_rate=1e-5"], "optimization.learning_rate=1e-5"),
         (["--gradient_checkpointing"], "model.gradient_checkpointing=VALUE"),
         (["use_vllm=true"], "generation.backend=vllm"),
-        (["beta=0.1"], "policy_gradient.kl_penalty_weight"),
-        (["num_generations=8"], "num_samples_per_prompt"),
-        (["max_completion_length=64"], "generation.max_new_tokens"),
+        (["gradient_accumulation_steps=4"], "optimization.prompts_per_step"),
+        (["--num_generations", "8"], "num_samples_per_prompt=VALUE"),
     ],
 )
 def test_trl_keys_point_at_sdpo_keys(argv, hint, capsys):
     assert main(["train", *argv]) == 2
     assert hint in _one_clean_line(capsys)
+
+
+def test_trl_keys_that_mean_the_same_are_accepted():
+    args = build_parser().parse_args(
+        ["train", "beta=0.1", "num_generations=8", "max_completion_length=64"]
+    )
+    config = load_config(args)
+    assert config.policy_gradient.kl_penalty_weight == 0.1
+    assert config.num_samples_per_prompt == 8 and config.generation.max_new_tokens == 64

@@ -160,6 +160,12 @@ class SelfDistillationConfig:
     success_reward_threshold: float = _f(
         1.0, "Completions with reward >= this are successes (demonstrations)."
     )
+    success_reward: str | None = _f(
+        None,
+        "With several reward functions: whose score is compared with success_reward_threshold. "
+        "None = the first function's own score (put the correctness reward first); a function's "
+        "name (e.g. accuracy_reward); 'sum' = the weighted sum (the training reward).",
+    )
     alpha: float = _f(
         0.5,
         "Divergence: 0 = forward KL(teacher||student), 1 = reverse KL, between = alpha-mixture JSD.",
@@ -303,6 +309,11 @@ class DataConfig:
     reward: str | None = _f(
         None,
         "Reward for train_file rows: math, math_lenient, code, exact, or module:function (TRL-style callable).",
+    )
+    reward_weights: list[float] | None = _f(
+        None,
+        "Weights of several reward functions (TRL's reward_weights): reward = sum_i w_i r_i; "
+        "None = 1.0 each.",
     )
     reward_timeout_s: float | None = _f(
         None,
@@ -489,6 +500,9 @@ class SDPOConfig:
                 for sub, v in value.items():
                     assign(f"{name}.{sub}", v)
                 return
+            mapped = trl_key(name, value) if "." not in name else None
+            if mapped is not None and name not in self.keys():
+                name, value = mapped  # a TRL name (and value) for an sdpo key
             key = self.resolve_key(name)
             if key in given:
                 raise ValueError(
@@ -524,11 +538,13 @@ class SDPOConfig:
             owners = [k for k in valid if k.split(".")[-1] == key]
             if len(owners) == 1:
                 return owners[0]
+            if key in TRL_ALIASES:  # TRL's name for the same setting
+                return TRL_ALIASES[key]
+            if key in TRL_VALUES:
+                return TRL_VALUES[key][0]
         if key.split(".")[-1] in TRL_KEY_HINTS:
             raise KeyError(f"Unknown config key {key!r}: {TRL_KEY_HINTS[key.split('.')[-1]]}")
-        leaves = {k.split(".")[-1] for k in valid}
-        close = difflib.get_close_matches(key, valid + sorted(leaves - set(valid)), n=3, cutoff=0.5)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        hint = _suggestions(key, valid)
         raise KeyError(f"Unknown config key {key!r}.{hint} (`sdpo train --help` lists all keys.)")
 
     @staticmethod
@@ -557,6 +573,9 @@ class SDPOConfig:
             for sub, v in value.items():
                 self.set(f"{key.replace('__', '.')}.{sub}", v)
             return
+        mapped = trl_key(key, value) if "." not in key else None
+        if mapped is not None and key not in self.keys():
+            key, value = mapped  # a TRL name (and value) for an sdpo key
         key = self.resolve_key(key)
         fld, typ = self.field_info(key)
         value = _convert(key, value, typ)
@@ -830,6 +849,33 @@ def _all_keys(cls: type) -> tuple[str, ...]:
     return tuple(top + [key for s, c in SECTIONS.items() for key in _leaf_keys(s, c)])
 
 
+def _suggestions(key: str, valid: list[str]) -> str:
+    """ " Did you mean: ...?" for a typo of a key, or "".
+
+    Only close spellings count (difflib ratio >= 0.75: a letter or two off). A section's key is
+    compared by its leaf name, and only within the section the key names (if it names one), so a
+    setting elsewhere whose name merely looks alike (use_cpu / is_clip) is not offered."""
+    section, _, leaf = key.rpartition(".")
+    named = section if any(k.rpartition(".")[0] == section for k in valid) else ""
+    leaf_count: dict[str, int] = {}
+    for k in valid:
+        leaf_count[k.split(".")[-1]] = leaf_count.get(k.split(".")[-1], 0) + 1
+    scored = []
+    for k in valid:
+        owner, _, name = k.rpartition(".")
+        if not owner:  # a top-level key (model_name): compared as written
+            score = difflib.SequenceMatcher(None, key, k).ratio()
+        elif named and owner != named:
+            continue
+        else:
+            score = difflib.SequenceMatcher(None, leaf, name).ratio()
+        if score >= 0.75:
+            shown = name if leaf_count[name] == 1 and not named else k
+            scored.append((-score, shown))
+    close = list(dict.fromkeys(shown for _, shown in sorted(scored)))[:3]
+    return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
 _NONE_STRINGS = {"none", "null", "~", ""}
 
 
@@ -879,6 +925,12 @@ def _convert(key: str, value: Any, typ: Any) -> Any:
             value = list(value)
         if isinstance(value, str):  # a,b
             value = [v.strip() for v in value.split(",") if v.strip()]
+        if typing.get_args(base) == (float,):
+            if not isinstance(value, list):
+                raise ValueError(
+                    f"{key} must be a list of numbers, e.g. [1.0, 0.5]; got {value!r}."
+                )
+            return [_convert(f"{key}[{i}]", v, float) for i, v in enumerate(value)]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ValueError(
                 f"{key} must be a list of strings, e.g. [q_proj, v_proj]; got {value!r}."
@@ -887,20 +939,77 @@ def _convert(key: str, value: Any, typ: Any) -> Any:
     return value
 
 
-# Keys TRL users type (GRPOConfig / SDPOConfig names) that sdpo names differently or lacks.
+# TRL (GRPOConfig / SDPOConfig / TrainingArguments) names that mean exactly an sdpo key.
+TRL_ALIASES: dict[str, str] = {
+    "num_generations": "num_samples_per_prompt",
+    "model_name_or_path": "model_name",
+    "max_completion_length": "generation.max_new_tokens",
+    "beta": "policy_gradient.kl_penalty_weight",
+    "epsilon_high": "policy_gradient.clip_eps_high",
+    # TRL's per-device micro-batch of completions per forward/backward pass.
+    "per_device_train_batch_size": "optimization.micro_batch_size",
+    "num_iterations": "optimization.updates_per_batch",
+    "lr_scheduler_type": "optimization.lr_scheduler",
+    "distillation_alpha": "self_distillation.alpha",
+    "distillation_is_clip": "self_distillation.is_clip",
+}
+
+# TRL names whose values translate one to one: name -> (sdpo key, {TRL value: sdpo value}).
+TRL_VALUES: dict[str, tuple[str, dict[Any, Any]]] = {
+    "distillation_mode": (
+        "self_distillation.distillation_level",
+        {"sampled_token": "token", "full_logits": "logit", "topk_logits": "logit"},
+    ),
+    "teacher_model_kind": (
+        "self_distillation.teacher",
+        {"ema": "ema", "live": "live", "base": "frozen"},
+    ),
+    "loss_type": (
+        "policy_gradient.loss_aggregation",
+        {"dapo": "token_mean", "grpo": "sequence_mean", "dr_grpo": "dr_grpo"},
+    ),
+}
+
+# TRL names sdpo names differently in a way that is not one key for one key: refused, with why.
 TRL_KEY_HINTS: dict[str, str] = {
     "lr": "the learning rate is optimization.learning_rate.",
-    "beta": "TRL's beta (the reference-KL coefficient) is policy_gradient.kl_penalty_weight; "
-    "the EMA teacher's rate is self_distillation.teacher_update_rate.",
-    "num_generations": "the group size G is num_samples_per_prompt.",
-    "max_completion_length": "the completion length is generation.max_new_tokens.",
-    "per_device_train_batch_size": "sdpo counts prompts per step: optimization.prompts_per_step "
-    "(completions = prompts x num_samples_per_prompt; optimization.micro_batch_size per pass).",
+    "gradient_accumulation_steps": "sdpo accumulates by itself: one step's "
+    "optimization.prompts_per_step x num_samples_per_prompt completions go through forward/"
+    "backward optimization.micro_batch_size at a time (TRL's per_device_train_batch_size). For "
+    "TRL's step of per_device_train_batch_size x gradient_accumulation_steps completions, set "
+    "optimization.prompts_per_step to that number / num_samples_per_prompt.",
     "num_train_epochs": "sdpo counts steps: run.max_steps (one step = one generated batch).",
-    "epsilon": "the ratio clip is policy_gradient.clip_eps_low / policy_gradient.clip_eps_high.",
+    "epsilon": "the ratio clip is policy_gradient.clip_eps_low (and policy_gradient.clip_eps_high).",
     "bf16": "set model.dtype=bfloat16.",
+    "fp16": "set model.dtype=float16 (CUDA only).",
+    "use_cpu": "set model.device=cpu.",
     "use_vllm": "vLLM is a generation backend: generation.backend=vllm.",
+    "eval_strategy": "sdpo evaluates at the start, at the end and every run.eval_steps steps.",
+    "save_strategy": "sdpo checkpoints every run.save_steps steps and at the end.",
+    "use_successful_as_teacher": "successful siblings are always demonstrations; "
+    "self_distillation.success_reward_threshold decides what counts as one.",
+    "teacher_sync_steps": "the EMA teacher is updated after every optimizer step "
+    "(self_distillation.teacher_update_rate).",
 }
+
+
+def trl_key(name: str, value: Any) -> tuple[str, Any] | None:
+    """``(sdpo key, sdpo value)`` for a TRL config name that maps onto one, else None.
+
+    Raises ValueError for a TRL value with no sdpo counterpart (naming both)."""
+    leaf = name.split(".")[-1]
+    if leaf in TRL_ALIASES:
+        return TRL_ALIASES[leaf], value
+    if leaf in TRL_VALUES:
+        key, values = TRL_VALUES[leaf]
+        if value not in values:
+            raise ValueError(
+                f"{leaf} = {value!r}: sdpo's {key} covers {', '.join(map(repr, values))} "
+                f"(as {', '.join(map(repr, dict.fromkeys(values.values())))})."
+            )
+        return key, values[value]
+    return None
+
 
 # Presets: overrides of the seed defaults. `paper` = SPEC section 7's official-run values.
 PRESETS: dict[str, dict[str, Any]] = {

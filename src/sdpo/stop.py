@@ -18,6 +18,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signal: int | None = None  # the signal that asked (exit status 128 + it)
 
     @contextmanager
     def listening(self) -> Iterator[None]:
@@ -37,6 +38,7 @@ class StopRequest:
         if self.requested:  # a second signal: stop now
             raise KeyboardInterrupt
         self.requested = True
+        self.signal = signum
         print(
             f"\n{name}: finishing the current step, then saving a checkpoint ({name} again to abort).",
             file=sys.stderr,

@@ -26,6 +26,7 @@ import torch
 from transformers import TrainerState
 
 from sdpo import lora
+from sdpo.callbacks import CallbackHandler
 from sdpo.checkpoint import is_checkpoint
 from sdpo.checkpointer import Checkpointer
 from sdpo.config import SDPOConfig
@@ -37,12 +38,21 @@ from sdpo.generation import GenerationBackend, build_backend
 from sdpo.health import HealthMonitor
 from sdpo.loss import SDPOLoss
 from sdpo.policy_model import PolicyModel, RolloutBatch, completion_id_lists
+from sdpo.progress import Progress
 from sdpo.reprompting import Reprompter, TeacherContext
-from sdpo.reward_model import as_reward_model, call_reward_model, cap_feedback, checked_scores
+from sdpo.reward_model import (
+    as_reward_model,
+    call_reward_model,
+    cap_feedback,
+    checked_scores,
+    reward_metrics,
+    success_scores,
+)
 from sdpo.run_dir import RunDirectory
 from sdpo.run_log import RunLog
 from sdpo.stop import StopRequest
 from sdpo.teacher import Teacher, reference_weights
+from sdpo.trl_compat import resolve_trainer_args
 
 
 class NonFiniteLossError(RuntimeError):
@@ -60,25 +70,40 @@ class SDPOTrainer:
         train_dataloader: list of dicts, ``datasets.Dataset``, JSONL path or torch ``DataLoader``;
             rows have a ``prompt`` and any other columns (they reach the reward model).
         eval_dataloader: the same kinds, for evaluation (greedy and sampled accuracy).
-        callbacks: objects with any of ``on_step_end(trainer, metrics)``,
-            ``on_evaluate(trainer, metrics)``, ``on_train_end(trainer)``.
+        callbacks: transformers ``TrainerCallback`` objects, or objects with any of
+            ``on_step_end(trainer, metrics)``, ``on_evaluate(trainer, metrics)``,
+            ``on_train_end(trainer)`` (:mod:`sdpo.callbacks`).
         generation_backend: a :class:`~sdpo.generation.GenerationBackend` to sample with instead
             of the one ``generation.backend`` names (e.g. an engine shared by several runs).
+
+    TRL's call shape works too (:mod:`sdpo.trl_compat`): ``SDPOTrainer(model=str | PreTrainedModel
+    | PeftModel, reward_funcs=fn | [fn, ...], args=SDPOConfig, train_dataset=..., eval_dataset=...,
+    processing_class=tokenizer, peft_config=peft.LoraConfig, callbacks=[...])``.
     """
 
     def __init__(
         self,
-        config: SDPOConfig,
-        policy_model: PolicyModel,
-        reward_model: Any,
-        train_dataloader: Any,
+        config: SDPOConfig | None = None,
+        policy_model: PolicyModel | None = None,
+        reward_model: Any = None,
+        train_dataloader: Any = None,
         eval_dataloader: Any = None,
         callbacks: list[Any] | None = None,
         generation_backend: GenerationBackend | None = None,
+        **trl_args: Any,
     ) -> None:
+        a = resolve_trainer_args(
+            config, policy_model, reward_model, train_dataloader, eval_dataloader, trl_args
+        )
+        config, policy_model, reward_model = a.config, a.policy_model, a.reward_model
+        train_dataloader, eval_dataloader = a.train_dataloader, a.eval_dataloader
         self.config = config.validate()
         self.policy = policy_model
-        self.reward_model = as_reward_model(reward_model)
+        self.reward_model = as_reward_model(
+            reward_model,
+            weights=config.data.reward_weights,
+            success=config.self_distillation.success_reward,
+        )
         run = config.run
         self.runtime = Runtime(self.config, policy_model.device)  # devices, dtypes, processes
         self.runtime.seed(run.seed)
@@ -88,7 +113,7 @@ class SDPOTrainer:
         self.eval_rows = load_rows(eval_dataloader) if eval_dataloader is not None else None
         if self.eval_rows is not None and run.eval_max_prompts:
             self.eval_rows = self.eval_rows[: run.eval_max_prompts]
-        self.callbacks = list(callbacks or [])
+        self.callbacks = CallbackHandler(callbacks)
 
         sd, pg = config.self_distillation, config.policy_gradient
         self.distills = sd.distillation_weight > 0  # False: GRPO, no teacher is ever run
@@ -141,6 +166,7 @@ class SDPOTrainer:
         self.counters = {"skipped_long_prompts": 0, "skipped_nonfinite_steps": 0}
         self._nonfinite_in_row = 0
         self._stop = StopRequest()
+        self._samples_written = False
         self._t_start = time.time()
         if run.resume_from:
             self.load_checkpoint(run.resume_from)
@@ -235,7 +261,11 @@ class SDPOTrainer:
         rollouts.rewards = checked_scores(outputs, rollouts.prompts, self.reward_model.name)
         rollouts.feedback = [cap_feedback(o.feedback, data.max_feedback_chars) for o in outputs]
         rollouts.reward_info = [o.info for o in outputs]
-        rollouts.reward_metrics = log.metric_means()
+        rollouts.success_scores = success_scores(self.reward_model, outputs)
+        rollouts.reward_metrics = {
+            **log.metric_means(),
+            **reward_metrics(self.reward_model, outputs),
+        }
         n = len(rollouts)  # a column logged by several functions keeps the last one's values
         rollouts.reward_extra = {k: v[-n:] for k, v in log.extra.items() if len(v) % n == 0 and v}
 
@@ -255,7 +285,7 @@ class SDPOTrainer:
         return self.reprompter.build(
             rollouts.prompts,
             rollouts.completions,
-            rollouts.rewards.tolist(),
+            rollouts.success_scores,
             rollouts.group_ids.tolist(),
             feedback=rollouts.feedback,
         )
@@ -309,8 +339,9 @@ class SDPOTrainer:
             )
 
     def _rollout_metrics(self, rollouts: RolloutBatch) -> dict[str, float]:
-        r, lengths, unfinished = self.runtime.gather_cat(  # the global batch's rollouts
+        r, success, lengths, unfinished = self.runtime.gather_cat(  # the global batch's rollouts
             rollouts.rewards,
+            torch.tensor(rollouts.success_scores, device=rollouts.rewards.device),
             rollouts.completion_mask.sum(-1).float(),
             ~(rollouts.completion_ids == self.policy.eos_token_id).any(-1),
         )
@@ -324,7 +355,7 @@ class SDPOTrainer:
             "completions/mean_length": float(lengths.mean()),
             "completions/clipped_fraction": float(unfinished.float().mean()),
             "accuracy": float(
-                (r >= self.config.self_distillation.success_reward_threshold).float().mean()
+                (success >= self.config.self_distillation.success_reward_threshold).float().mean()
             ),
         }
 
@@ -353,13 +384,21 @@ class SDPOTrainer:
                 max_prompt_length=cfg.model.max_prompt_length,
                 trainer_state=self.trainer_state(),
                 sampler=self.generator,  # as training samples (vLLM included)
+                progress=_eval_progress(cfg, len(self.eval_rows), self.runtime.is_main),
             )
         metrics = {f"eval/{k}": v for k, v in result.metrics.items()}
-        self.log.metrics(self.global_step, metrics)
-        for cb in self.callbacks:
-            if hasattr(cb, "on_evaluate"):
-                cb.on_evaluate(self, metrics)
+        self._log(self.global_step, metrics)
+        self.callbacks.fire("on_evaluate", self, metrics)
         return metrics
+
+    @property
+    def stop_signal(self) -> int | None:
+        """The signal (SIGINT, SIGTERM) that stopped :meth:`train`, if one did."""
+        return self._stop.signal
+
+    def _log(self, step: int, metrics: dict[str, Any]) -> None:
+        self.log.metrics(step, metrics)
+        self.callbacks.fire("on_log", self, metrics)
 
     # ----- the loop ---------------------------------------------------------------------------
 
@@ -374,8 +413,10 @@ class SDPOTrainer:
         with self._run.held():
             self.log.config_file()
             self.log.start()
+            self.callbacks.fire("on_train_begin", self)
             self.last_eval = self.evaluate() if self.global_step == 0 else {}
-            self.first_eval = dict(self.last_eval)
+            if self.global_step == 0:  # a resumed run has the first run's, from its checkpoint
+                self.first_eval = dict(self.last_eval)
             with self._stop.listening():
                 self._loop()
             if self._stop.requested:
@@ -393,30 +434,33 @@ class SDPOTrainer:
                     f"Final model: {final.resolve()} (from_pretrained-loadable, with a model card)"
                 )
             self.log.finish()
-        for cb in self.callbacks:
-            if hasattr(cb, "on_train_end"):
-                cb.on_train_end(self)
+        self.callbacks.fire("on_train_end", self)
         return self.last_eval
 
     def _loop(self) -> None:
         run = self.config.run
         bar = _progress(run, self.global_step) if self.runtime.is_main else None
         try:
-            while self.global_step < run.max_steps and not self._stop.requested:
+            while (
+                self.global_step < run.max_steps
+                and not self._stop.requested
+                and not self.callbacks.should_stop
+            ):
                 metrics = self.step()
                 step = self.global_step
                 self._check_health(step, metrics, bar)
                 if step % run.logging_steps == 0:
-                    self.log.metrics(step, metrics)
-                if step % run.sample_log_steps == 0 and hasattr(self, "_last_rollouts"):
+                    self._log(step, metrics)
+                # samples.jsonl from this process's first step on, then every sample_log_steps
+                first = not self._samples_written
+                if (first or step % run.sample_log_steps == 0) and hasattr(self, "_last_rollouts"):
+                    self._samples_written = True
                     self.log.samples(self.global_step, self._last_rollouts, self._last_contexts)
                 if run.eval_steps and step % run.eval_steps == 0 and step < run.max_steps:
                     self.last_eval = self.evaluate()
                 if step % run.save_steps == 0 or step == run.max_steps:
                     self.save_checkpoint()
-                for cb in self.callbacks:
-                    if hasattr(cb, "on_step_end"):
-                        cb.on_step_end(self, metrics)
+                self.callbacks.fire("on_step_end", self, metrics)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(
@@ -467,8 +511,11 @@ class SDPOTrainer:
             "global_step": self.global_step,
             "counters": self.counters,
             "nonfinite_in_row": self._nonfinite_in_row,
+            "first_eval": getattr(self, "first_eval", {}),  # the "before" of a resumed run
         }
-        return self.checkpointer.save(state, self.scheduler)
+        path = self.checkpointer.save(state, self.scheduler)
+        self.callbacks.fire("on_save", self)
+        return path
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore everything a step depends on from a checkpoint (or a run directory's newest intact one).
@@ -480,12 +527,24 @@ class SDPOTrainer:
         self.global_step = int(state["global_step"])
         self.counters.update(state.get("counters", {}))
         self._nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
+        self.first_eval = dict(state.get("first_eval", {}))
         self.generator.sync_weights()
+        if self.runtime.is_main:
+            print(
+                f"sdpo: resumed from checkpoint-{self.global_step:06d} at step {self.global_step}",
+                file=sys.stderr,
+            )
 
 
 def _progress(run: Any, start: int) -> Any:
     if not run.progress_bar:
         return None
-    from tqdm.auto import tqdm
+    return Progress(run.max_steps, "sdpo", initial=start, unit="steps")
 
-    return tqdm(total=run.max_steps, initial=start, desc="sdpo", dynamic_ncols=True)
+
+def _eval_progress(config: SDPOConfig, num_prompts: int, is_main: bool) -> Progress | None:
+    """Greedy (one per prompt) plus sampled completions, counted as they are generated."""
+    if not (config.run.progress_bar and is_main):
+        return None
+    total = num_prompts * (1 + config.run.eval_num_samples)
+    return Progress(total, "eval", unit="completions")
