@@ -289,6 +289,14 @@ def train(args: argparse.Namespace) -> int:
     except (CheckpointError, RunDirectoryError) as exc:  # a refused directory or checkpoint
         print(f"sdpo: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this step
+        print("sdpo: aborted; the run directory keeps its last checkpoint.", file=sys.stderr)
+        return 130
+    if trainer.stop_signal is not None:
+        # Stopped by a signal: the trainer said where and how to resume; no final evaluation
+        # happened, so no before -> after line. The shell convention: 128 + the signal number.
+        trainer.runtime.close()
+        return 128 + int(trainer.stop_signal)
     first = getattr(trainer, "first_eval", {})
     for key in ("eval/accuracy_greedy", "eval/accuracy_sampled"):
         if key in final:
@@ -347,6 +355,8 @@ def evaluate(args: argparse.Namespace) -> int:
     rows = rows[:limit] if limit else rows
 
     def run(spec: str, checkpoint: str | None, teacher: bool) -> ev.EvalResult:
+        from sdpo.progress import Progress
+
         policy, _ = ev.load_policy(
             spec,
             checkpoint,
@@ -365,6 +375,7 @@ def evaluate(args: argparse.Namespace) -> int:
             seed=args.seed,
             batch_size=args.batch_size,
             max_prompt_length=config.model.max_prompt_length,
+            progress=Progress(len(rows) * (1 + args.samples), f"eval {spec}", unit="completions"),
         )
 
     print(

@@ -95,6 +95,8 @@ class Runtime:
                 "on the same prompts and write into the same run directory. Set "
                 "distributed.strategy=ddp or distributed.strategy=fsdp, or launch one process."
             )
+        if self.world_size == 1 and self.strategy != "none":
+            _single_process_warning(self.strategy)
         if self.world_size > 1 and device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
@@ -480,3 +482,25 @@ def check_dtype(config: SDPOConfig, device: torch.device) -> None:
                 f"{key} = float16 on CPU is not supported (training in it produced NaN weights); "
                 f"use {key}=float32 (or bfloat16), or a CUDA device."
             )
+
+
+def _single_process_warning(strategy: str) -> None:
+    """distributed.strategy asks for several processes but this is the only one.
+
+    ``accelerate launch --num_processes 2`` without ``--multi_cpu`` (or a GPU config) runs its
+    simple launcher: one process, no ``WORLD_SIZE``, only ``ACCELERATE_*`` and ``MASTER_ADDR``
+    set. That run would silently train alone, so it is an error; a plain ``python`` start with
+    the strategy set is a warning (it trains, on one process)."""
+    launch = "torchrun --nproc_per_node N -m sdpo train ..."
+    if any(k.startswith("ACCELERATE_") for k in os.environ):
+        raise ValueError(  # a setting that does not fit the launch: one `sdpo: ...` line
+            f"distributed.strategy={strategy}, but `accelerate launch` started a single process "
+            "(WORLD_SIZE is not set: its simple launcher runs one process, e.g. on CPU without "
+            f"--multi_cpu). Launch the processes with `{launch}` (or `accelerate launch "
+            "--multi_cpu --num_processes N`), or set distributed.strategy=none for one process."
+        )
+    warnings.warn(
+        f"distributed.strategy={strategy}, but this is a single process (WORLD_SIZE is not set): "
+        f"training runs on one process. To use several, launch with `{launch}`.",
+        stacklevel=3,
+    )

@@ -84,7 +84,10 @@ class ExperimentTracker:
         ]
         flat = flatten_config(config)
         for tracker in self.trackers:
-            tracker.store_init_configuration(flat)
+            if tracker.name == "tensorboard":
+                _tensorboard_hparams(tracker.writer, flat)
+            else:
+                tracker.store_init_configuration(flat)
 
     def _start(self, name: str, project: str, run_name: str) -> Any:
         from accelerate import tracking
@@ -145,3 +148,19 @@ def _markdown_table(rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(SAMPLE_COLUMNS) + " |", "|" + "---|" * len(SAMPLE_COLUMNS)]
     lines += ["| " + " | ".join(esc(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _tensorboard_hparams(writer: Any, flat: dict[str, Any]) -> None:
+    """The config as TensorBoard hyperparameters, written into the run's own event file.
+
+    ``SummaryWriter.add_hparams`` (what accelerate's tracker calls) opens a second writer in a
+    new timestamped sub-directory, so each start showed up as an extra run; writing the three
+    hparams summaries to the run's writer keeps one TensorBoard run per run directory."""
+    from torch.utils.tensorboard.summary import hparams
+
+    values = {k: v for k, v in flat.items() if isinstance(v, (bool, int, float, str))}
+    experiment, start, end = hparams(values, metric_dict={})
+    file_writer = writer._get_file_writer()
+    for summary in (experiment, start, end):
+        file_writer.add_summary(summary)
+    writer.flush()
