@@ -207,7 +207,9 @@ def evaluate_policy(
     Runs on its own random stream seeded with ``seed`` (the caller's stream is restored), so the
     same seed gives the same evaluation and evaluating never changes what training samples next.
     ``batch_size`` is the number of completions generated per call. Prompts longer than
-    ``max_prompt_length`` tokens are skipped and counted. Correct = reward >= ``success_threshold``.
+    ``max_prompt_length`` tokens are skipped and counted. Correct = success score >=
+    ``success_threshold`` (the reward; with several functions, the success rule of
+    :func:`sdpo.reward_model.success_scores`).
     ``trainer_state`` reaches the reward functions (TRL's keyword; default: a fresh one).
     ``sampler``: the run's :class:`~sdpo.generation.GenerationBackend` (e.g. vLLM), so evaluation
     samples as training does; default: the policy's own HF sampler with ``generation``.
