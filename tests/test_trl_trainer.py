@@ -176,6 +176,28 @@ def test_trl_positional_call_shape(tmp_path):
     assert trainer.global_step == 1
 
 
+def test_train_resume_from_checkpoint_as_in_trl(tmp_path, capsys):
+    """trainer.train(resume_from_checkpoint=True) continues this run directory's newest
+    checkpoint (TRL's argument); a path works too."""
+    model, tok = tiny_chat_model()
+    SDPOTrainer(
+        model=model, reward_funcs=length_reward, args=small_args(tmp_path),
+        train_dataset=rows(4), processing_class=tok,
+    ).train()  # fmt: skip
+    model, tok = tiny_chat_model()
+    trainer = SDPOTrainer(
+        model=model, reward_funcs=length_reward, args=small_args(tmp_path, max_steps=3),
+        train_dataset=rows(4), processing_class=tok,
+    )  # fmt: skip
+    trainer.train(resume_from_checkpoint=True)
+    assert trainer.global_step == 3
+    assert "sdpo: resumed from checkpoint-000002 at step 2" in capsys.readouterr().err
+    steps = [
+        json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert 3 in steps
+
+
 def test_trl_call_shape_mistakes_get_clear_errors(tmp_path):
     model, tok = tiny_chat_model()
     policy = PolicyModel(model=model, tokenizer=tok)

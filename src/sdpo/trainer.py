@@ -402,14 +402,20 @@ class SDPOTrainer:
 
     # ----- the loop ---------------------------------------------------------------------------
 
-    def train(self) -> dict[str, float]:
+    def train(self, resume_from_checkpoint: str | Path | bool | None = None) -> dict[str, float]:
         """Run until ``run.max_steps``; evaluate, log, checkpoint; Ctrl-C or SIGTERM stops after the
         current step and saves a checkpoint.
 
         The run directory is locked while this runs and must be empty, this run's own (resume), or
         overwritten (``run.overwrite_output_dir``). Returns the last evaluation's metrics (empty
-        without an eval set).
+        without an eval set). ``resume_from_checkpoint`` (TRL's argument): a checkpoint or run
+        directory to continue from, or True for this run directory's newest intact checkpoint;
+        the same as ``run.resume_from``.
         """
+        if resume_from_checkpoint:
+            where = self.run_dir if resume_from_checkpoint is True else resume_from_checkpoint
+            self.config.run.resume_from = str(where)
+            self.load_checkpoint(where)
         with self._run.held():
             self.log.config_file()
             self.log.start()
