@@ -298,3 +298,38 @@ def test_a_logit_transform_that_is_not_a_constant_factor_is_refused():
     model.forward = squashed
     with pytest.raises(ValueError, match="not lm_head"):
         PolicyModel(model=model, tokenizer=build_char_tokenizer())
+
+
+def test_logit_scale_probe_refuses_a_biased_head_scaled_before_the_bias():
+    # MiniCPM3 computes lm_head(h / s): with a biased head that is W·h/s + b, not (W·h + b)/s,
+    # which is what the chunked head computes. The probe's rtol 1e-2 accepted a small bias.
+    from sdpo.demo import build_char_tokenizer
+
+    model = _scaled_family("minicpm3")
+    old = model.get_output_embeddings()
+    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(old.weight)
+        head.bias.copy_(
+            0.05 * torch.randn(old.out_features, generator=torch.Generator().manual_seed(0))
+        )
+    model.set_output_embeddings(head)
+    with pytest.raises(ValueError, match="before a biased LM head"):
+        PolicyModel(model=model, tokenizer=build_char_tokenizer())
+
+
+def test_logit_scale_probe_refuses_a_scale_slightly_off_the_declared_one():
+    from sdpo.demo import build_char_tokenizer
+
+    model = _scaled_family("granite")
+    assert PolicyModel(model=model, tokenizer=build_char_tokenizer()).logit_scale == 1 / 8.0
+    forward = model.forward
+
+    def off(*args, **kwargs):  # 0.5% away from 1/logits_scaling: rtol 1e-2 accepted it
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 1.005
+        return out
+
+    model.forward = off
+    with pytest.raises(ValueError, match="not lm_head"):
+        PolicyModel(model=model, tokenizer=build_char_tokenizer())

@@ -530,9 +530,13 @@ def _logit_scale(model: PreTrainedModel) -> float:
     """The constant ``c`` with ``model(ids).logits = c · lm_head(backbone(ids))``; 1 for most models.
 
     Models that declare one of ``_SCALE_ATTRS`` are probed with one short forward: ``c`` is the
-    declared value or its inverse, whichever the two logits agree on. Anything else (a scaling
-    that is not a constant factor) is refused with an error, since the training passes could not
-    reproduce the sampler's distribution.
+    declared value, its inverse, or 1, whichever the two logits agree on to rounding (relative to
+    the largest logit: 1e-4 in float32, 4 ulps in a half-precision dtype; a looser test accepted a
+    scale 0.5% off or a bias left unscaled). The whole logit is scaled, bias included
+    (``c·(W·h + b)``, what the chunked head computes as ``(W·h + b) / (T / c)``); a model that
+    scales the hidden state before a biased head (``W·(c·h) + b``, MiniCPM3's form) or applies
+    anything else is refused with an error, since the training passes could not reproduce the
+    sampler's distribution.
     """
     declared = [getattr(model.config, a, None) for a in _SCALE_ATTRS]
     declared = [float(v) for v in declared if isinstance(v, (int, float)) and v not in (0, 1)]
@@ -541,11 +545,24 @@ def _logit_scale(model: PreTrainedModel) -> float:
     head = model.get_output_embeddings()
     ids = (torch.arange(1, 9, device=head.weight.device) % head.weight.shape[0]).unsqueeze(0)
     with eval_scope(model), torch.no_grad():
-        full = model(input_ids=ids).logits.double()
-        plain = head(model.base_model(input_ids=ids).last_hidden_state).double()
-    for c in [1.0] + [x for v in declared for x in (v, 1.0 / v)]:
-        if torch.allclose(full, c * plain, rtol=1e-2, atol=1e-3 * float(full.abs().max())):
+        out = model(input_ids=ids).logits
+        hidden = model.base_model(input_ids=ids).last_hidden_state
+        plain = head(hidden).double()
+    full = out.double()
+    tol = max(1e-4, 4 * torch.finfo(out.dtype).eps) * float(full.abs().max())
+    candidates = [1.0] + [x for v in declared for x in (v, 1.0 / v)]
+    for c in candidates:
+        if float((full - c * plain).abs().max()) <= tol:
             return c
+    if head.bias is not None:
+        bias = head.bias.detach().double()
+        for c in candidates:
+            if float((full - c * (plain - bias) - bias).abs().max()) <= tol:
+                raise ValueError(
+                    f"{type(model).__name__} scales the hidden state by {c:g} before a biased LM "
+                    "head (W·(c·h) + b); sdpo's chunked head scales the whole logit, bias "
+                    "included. Use a model whose head has no bias or whose scale is 1."
+                )
     raise ValueError(
         f"{type(model).__name__}'s logits are not lm_head(last hidden state) times a constant from "
         f"its config ({', '.join(_SCALE_ATTRS)}); sdpo's chunked LM head cannot reproduce them. "
