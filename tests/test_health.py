@@ -22,6 +22,7 @@ HEALTHY = {
     "self_distillation/reprompt_sample_fraction": 0.9,
     "self_distillation/distilled_token_fraction": 0.9,
     "self_distillation/teacher_student_kl": 0.5,
+    "self_distillation/divergence_mean": 0.2,
     "grad_norm": 2.0,
     "completions/mean_length": 4.0,
 }
@@ -45,7 +46,7 @@ CASES = {
     "no_success": stream(10) + stream(30, accuracy=0.0, reward=0.0),
     "no_reprompt": stream(10) + stream(30, **{"self_distillation/reprompt_sample_fraction": 0.0}),
     "flat_groups": stream(10) + stream(30, frac_reward_zero_std=1.0),
-    "low_teacher_kl": stream(10) + stream(30, **{"self_distillation/teacher_student_kl": 1e-6}),
+    "low_teacher_kl": stream(10) + stream(30, **{"self_distillation/divergence_mean": 1e-6}),
     "zero_grad_norm": stream(10) + stream(30, grad_norm=1e-7),
     "length_collapse": stream(10, **{"completions/mean_length": 8.0})
     + stream(30, **{"completions/mean_length": 1.0}),
@@ -72,8 +73,10 @@ def test_each_warning_fires_on_its_constructed_stream_and_only_it(name):
 
 def test_no_success_message_and_quiet_healthy_stream():
     monitor = HealthMonitor(HealthConfig(window=3))
-    (message,) = feed(monitor, stream(3, accuracy=0.0))[3]
-    assert "self-distillation is inactive: no successes" in message
+    no_context = {"accuracy": 0.0, "self_distillation/reprompt_sample_fraction": 0.0}
+    (message, _) = feed(monitor, stream(3, **no_context))[3]  # and no_reprompt
+    assert "no successes in the last 3 steps: every advantage is zero" in message
+    assert "self-distillation is inactive" in message
     assert "lower the threshold" in message and "easier prompts" in message
     assert feed(HealthMonitor(HealthConfig(window=3)), stream(200)) == {}
     assert feed(HealthMonitor(HealthConfig(window=3, enabled=False)), stream(5, accuracy=0.0)) == {}
@@ -123,10 +126,85 @@ def test_a_run_that_cannot_succeed_warns_and_logs_counters(tmp_path, capsys):
     )
     trainer.train()
     err = capsys.readouterr().err
-    assert "sdpo: warning at step 2: [no_success] self-distillation is inactive" in err
+    assert "sdpo: warning at step 2: [no_success] no successes in the last 2 steps" in err
+    assert "self-distillation is inactive" in err
     assert "[flat_groups]" in err and "[no_reprompt]" in err
     assert err.count("[no_success]") == 1  # once per interval, not once per step
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "reward" in r]
     assert [r["health/no_success"] for r in steps] == [0, 1, 1, 1]
     assert steps[-1]["health/length_collapse"] == 0
+
+
+# ----- SDPO's own settings (audit R3) ---------------------------------------------------------
+
+
+def reported(monitor: HealthMonitor, metrics: list[dict]) -> set[str]:
+    return {m.split("]")[0].lstrip("[") for ms in feed(monitor, metrics).values() for m in ms}
+
+
+def test_feedback_only_distillation_is_not_called_inactive():
+    # No success ever, but every rollout gets a feedback context: the teacher distills.
+    feedback_only = stream(30, accuracy=0.0, reward=0.0, frac_reward_zero_std=1.0)
+    pure = HealthMonitor(HealthConfig(window=5), policy_gradient=False)
+    assert reported(pure, feedback_only) == set()  # nothing is inactive: no warning
+    both = HealthMonitor(HealthConfig(window=5))
+    messages = [m for ms in feed(both, feedback_only).values() for m in ms]
+    no_success = [m for m in messages if m.startswith("[no_success]")]
+    assert no_success and all("learns from feedback only" in m for m in no_success)
+    assert not any("inactive" in m for m in messages)
+
+
+def test_flat_groups_is_off_without_the_policy_gradient():
+    flat = stream(30, frac_reward_zero_std=1.0)
+    assert reported(HealthMonitor(HealthConfig(window=5), policy_gradient=False), flat) == set()
+    assert reported(HealthMonitor(HealthConfig(window=5)), flat) == {"flat_groups"}
+
+
+def test_shorter_answers_with_a_rising_reward_are_not_a_collapse():
+    rising = [
+        {**HEALTHY, "completions/mean_length": 40.0 - 1.2 * i, "reward": 0.3 + 0.02 * i}
+        for i in range(30)
+    ]
+    assert reported(HealthMonitor(HealthConfig(window=5)), rising) == set()
+    falling = [
+        {**HEALTHY, "completions/mean_length": 40.0 - 1.2 * i, "reward": 0.6} for i in range(30)
+    ]
+    assert reported(HealthMonitor(HealthConfig(window=5)), falling) == {"length_collapse"}
+
+
+def _noisy_rewards(seed: int, steps: int, rollouts: int, p: float) -> list[float]:
+    import random
+
+    rng = random.Random(seed)
+    return [sum(rng.random() < p for _ in range(rollouts)) / rollouts for _ in range(steps)]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_reward_drop_ignores_the_noise_of_one_prompt_times_four(seed):
+    # A stationary reward, 1 prompt × G = 4 a step, 300 steps, window 20: the old absolute 0.25
+    # fired on 50 of 100 seeds (here on seeds 0, 3 and 4); the new rule on 0 of 100.
+    rewards = _noisy_rewards(seed, 300, 4, 0.5)
+    metrics = [{**HEALTHY, "reward": r} for r in rewards]
+    assert "reward_drop" not in reported(HealthMonitor(HealthConfig()), metrics)
+
+
+def test_reward_drop_catches_a_slow_collapse_below_the_old_absolute_threshold():
+    # 32 rollouts a step: reward climbs to 0.65, then slides to 0.48 (-0.17, 26%): the old
+    # absolute 0.25 never fired; the relative, noise-aware rule does, after the slide.
+    rise = [0.2 + 0.45 * i / 60 for i in range(60)]
+    slide = [0.65 - 0.17 * i / 60 for i in range(60)] + [0.48] * 30
+    means = rise + [0.65] * 30 + slide
+    rewards = [sum(_noisy_rewards(i, 1, 32, m)) for i, m in enumerate(means)]
+    fired = feed(HealthMonitor(HealthConfig()), [{**HEALTHY, "reward": r} for r in rewards])
+    steps = [s for s, ms in fired.items() if any("[reward_drop]" in m for m in ms)]
+    assert steps and steps[0] > 90 + 20, steps  # not before the slide has begun
+
+
+def test_low_teacher_kl_reads_the_divergence_not_the_signed_estimate():
+    # The sampled-token estimate mean(log π_s(y) − log π_t(y)) can be ≤ 0 while the teacher's
+    # distribution differs (divergence 0.05): no warning; a divergence near 0 warns.
+    signed = stream(30, **{"self_distillation/teacher_student_kl": -0.01})
+    assert reported(HealthMonitor(HealthConfig(window=5)), signed) == set()
+    quiet = stream(30, **{"self_distillation/divergence_mean": 1e-5})
+    assert reported(HealthMonitor(HealthConfig(window=5)), quiet) == {"low_teacher_kl"}

@@ -395,7 +395,9 @@ class HealthConfig:
         50, "Report each warning at most once per this many steps while it holds.", min=1
     )
     kl_floor: float = _f(
-        1e-3, "Warn when the teacher-student KL stays below this for N distilled steps.", min=0.0
+        1e-3,
+        "Warn when the distillation divergence (self_distillation/divergence_mean) stays below this for N distilled steps.",
+        min=0.0,
     )
     grad_norm_floor: float = _f(
         1e-4, "Warn when the gradient norm stays below this for N steps.", min=0.0
@@ -407,7 +409,14 @@ class HealthConfig:
         max=1.0,
     )
     reward_drop: float = _f(
-        0.25, "Warn when the N-step mean reward falls more than this below its best.", min=0.0
+        0.15,
+        "Warn when the N-step mean reward falls below its best N-step mean by more than this fraction of the best (and by more than reward_drop_z standard errors).",
+        min=0.0,
+    )
+    reward_drop_z: float = _f(
+        5.0,
+        "reward_drop also needs the drop to exceed this many standard errors (the step-to-step reward noise, from successive differences, times sqrt(2 / N)).",
+        min=0.0,
     )
 
 

@@ -2,17 +2,26 @@
 
 :class:`HealthMonitor` reads each step's metrics (the names the trainer logs) and reports:
 
-- ``no_success``: no rollout reached the success threshold in the last N steps (the self-teacher
-  has no demonstration, GRPO groups are flat);
+- ``no_success``: no rollout reached the success threshold in the last N steps, and that stops
+  something: the policy gradient (every advantage is zero) or the self-teacher (no demonstration
+  and no feedback context). Silent in feedback-only distillation with the policy gradient off,
+  where the teacher still learns from feedback;
 - ``no_reprompt``: no rollout got a teacher context in the last N steps (distillation loss 0);
-- ``flat_groups``: every group's rewards were equal in the last N steps (policy gradient 0);
-- ``low_teacher_kl``: teacher–student KL below ``kl_floor`` for N distilled steps (the teacher
-  says nothing the student does not already say);
+- ``flat_groups``: every group's rewards were equal in the last N steps (policy gradient 0); only
+  with the policy gradient on;
+- ``low_teacher_kl``: the distillation divergence (``self_distillation/divergence_mean``, exact over
+  the distilled support and never negative) below ``kl_floor`` for N distilled steps: the teacher
+  says nothing the student does not already say. Not the sampled-token estimate
+  ``teacher_student_kl``, a signed one-sample estimator that can sit near 0 while the
+  distributions differ;
 - ``zero_grad_norm``: gradient norm below ``grad_norm_floor`` for N steps;
 - ``length_collapse``: mean completion length over the last N steps below ``length_collapse_ratio``
-  times its best N-step mean;
-- ``reward_drop``: mean reward over the last N steps more than ``reward_drop`` below its best
-  N-step mean (a possible collapse).
+  times its best N-step mean while the reward is no better than it was then (shorter answers with
+  a rising reward are SDPO's known effect, not a collapse);
+- ``reward_drop``: the N-step mean reward below its best N-step mean by more than the fraction
+  ``reward_drop`` of that best *and* by more than ``reward_drop_z`` standard errors of the
+  difference (the step-to-step noise, from successive differences, times sqrt(2 / N)): a
+  relative drop that the noise of small batches does not explain.
 
 Each warning is reported at most once per ``warning_interval`` steps while its condition holds, and
 counted: :attr:`HealthMonitor.counters` (``health/<name>``) go into the logged metrics.
@@ -40,14 +49,23 @@ class HealthMonitor:
 
     Args:
         config: a :class:`~sdpo.config.HealthConfig` (``window`` N, ``warning_interval``,
-            ``kl_floor``, ``grad_norm_floor``, ``length_collapse_ratio``, ``reward_drop``, ``enabled``).
+            ``kl_floor``, ``grad_norm_floor``, ``length_collapse_ratio``, ``reward_drop``,
+            ``reward_drop_z``, ``enabled``).
         distillation: whether the run distills (``distillation_weight > 0``); without it the
             reprompt and teacher-KL checks are off.
+        policy_gradient: whether the policy-gradient term is on (``pg_loss_weight > 0``);
+            without it flat groups cost nothing and ``flat_groups`` is off.
     """
 
-    def __init__(self, config: Any, distillation: bool = True) -> None:
+    def __init__(
+        self, config: Any, distillation: bool = True, policy_gradient: bool = True
+    ) -> None:
         self.config = config
         self.distillation = distillation
+        self.policy_gradient = policy_gradient
+        self._reward_at_best_length: float | None = None
+        self._last_reward: float | None = None
+        self._diff_sq, self._diffs = 0.0, 0  # successive reward differences: the step noise
         n = config.window
         self._history: dict[str, deque[float]] = {}
         self._best: dict[str, float] = {}
@@ -63,25 +81,23 @@ class HealthMonitor:
         checks: list[tuple[str, bool, Callable[[], str]]] = []
 
         success = self._push("accuracy", metrics.get("accuracy"))
+        # Pushed here, whatever the run: no_success reads whether feedback contexts distill.
+        reprompt = self._push("reprompt", metrics.get("self_distillation/reprompt_sample_fraction"))
+        feedback_distills = self.distillation and bool(reprompt) and max(reprompt) > 0.0
         checks.append(
             (
                 "no_success",
-                self._full(success) and max(success) == 0.0,
-                lambda: (
-                    f"self-distillation is inactive: no successes in the last {n} steps; lower the "
-                    "threshold (self_distillation.success_reward_threshold), add feedback, or use "
-                    "easier prompts."
-                    if self.distillation
-                    else f"no successful rollout in the last {n} steps: every advantage is zero; "
-                    "lower the success threshold or use easier prompts."
-                ),
+                self._full(success)
+                and max(success) == 0.0
+                and (self.policy_gradient or not feedback_distills),
+                lambda: self._no_success_message(n, feedback_distills),
             )
         )
         flat = self._push("flat", metrics.get("frac_reward_zero_std"))
         checks.append(
             (
                 "flat_groups",
-                self._full(flat) and min(flat) >= 1.0,
+                self.policy_gradient and self._full(flat) and min(flat) >= 1.0,
                 lambda: (
                     f"all groups flat in the last {n} steps: every group's rewards are equal, so the "
                     "policy gradient is zero; use more samples per prompt, a graded reward, or prompts "
@@ -90,9 +106,6 @@ class HealthMonitor:
             )
         )
         if self.distillation:
-            reprompt = self._push(
-                "reprompt", metrics.get("self_distillation/reprompt_sample_fraction")
-            )
             checks.append(
                 (
                     "no_reprompt",
@@ -105,14 +118,15 @@ class HealthMonitor:
                 )
             )
             distilled = metrics.get("self_distillation/distilled_token_fraction", 0.0) or 0.0
-            kl = metrics.get("self_distillation/teacher_student_kl") if distilled > 0 else None
-            kls = self._push("kl", kl)
+            div = metrics.get("self_distillation/divergence_mean") if distilled > 0 else None
+            divs = self._push("divergence", div)
             checks.append(
                 (
                     "low_teacher_kl",
-                    self._full(kls) and max(kls) < cfg.kl_floor,
+                    self._full(divs) and max(divs) < cfg.kl_floor,
                     lambda: (
-                        f"teacher-student KL below {cfg.kl_floor:g} for {n} distilled steps: the "
+                        f"teacher-student divergence below {cfg.kl_floor:g} for {n} distilled "
+                        "steps: the "
                         "teacher says nothing new; give it more informative context (feedback, a "
                         "demonstration) or a faster teacher (self_distillation.teacher_update_rate)."
                     ),
@@ -129,29 +143,37 @@ class HealthMonitor:
                 ),
             )
         )
+        rewards = self._push("reward", metrics.get("reward"))
+        reward_mean, reward_best = self._rolling("reward", rewards, max)
         lengths = self._push("length", metrics.get("completions/mean_length"))
         length_mean, length_best = self._rolling("length", lengths, max)
+        if length_mean is not None and length_mean == length_best:
+            self._reward_at_best_length = reward_mean  # None while the reward window fills
+        reward_then = self._reward_at_best_length
         checks.append(
             (
                 "length_collapse",
-                length_mean is not None and length_mean < cfg.length_collapse_ratio * length_best,
+                length_mean is not None
+                and length_mean < cfg.length_collapse_ratio * length_best
+                and (reward_mean is None or reward_then is None or reward_mean <= reward_then),
                 lambda: (
                     f"completion length collapsing: {length_mean:.1f} tokens on average over the "
-                    f"last {n} steps, down from {length_best:.1f}; lower the learning rate or check the "
-                    "reward for a bias toward short answers."
+                    f"last {n} steps, down from {length_best:.1f}, and the reward did not rise; "
+                    "lower the learning rate or check the reward for a bias toward short answers."
                 ),
             )
         )
-        rewards = self._push("reward", metrics.get("reward"))
-        reward_mean, reward_best = self._rolling("reward", rewards, max)
+        drop = self._reward_drop(rewards, reward_mean, reward_best)
         checks.append(
             (
                 "reward_drop",
-                reward_mean is not None and reward_best - reward_mean > cfg.reward_drop,
+                drop is not None,
                 lambda: (
                     f"reward falling: {reward_mean:.3f} on average over the last {n} steps, "
-                    f"{reward_best - reward_mean:.3f} below its best ({reward_best:.3f}); possible "
-                    "collapse: lower the learning rate, or resume from an earlier checkpoint."
+                    f"{reward_best - reward_mean:.3f} ({drop:.0%}) below its best "
+                    f"({reward_best:.3f}), more than step-to-step noise explains; possible "
+                    "collapse: lower the learning rate, use a slower teacher "
+                    "(self_distillation.teacher_update_rate), or resume from an earlier checkpoint."
                 ),
             )
         )
@@ -166,6 +188,46 @@ class HealthMonitor:
                 self.counters[f"health/{name}"] += 1
                 messages.append(f"[{name}] {message()}")
         return messages
+
+    def _no_success_message(self, n: int, feedback_distills: bool) -> str:
+        stopped = []
+        if self.policy_gradient:
+            stopped.append("every advantage is zero (no policy gradient)")
+        if self.distillation:
+            stopped.append(
+                "the teacher gets no demonstration and learns from feedback only"
+                if feedback_distills
+                else "self-distillation is inactive (no demonstration, no feedback context)"
+            )
+        return (
+            f"no successes in the last {n} steps: {'; '.join(stopped)}; lower the threshold "
+            "(self_distillation.success_reward_threshold), return feedback from the reward, or use "
+            "easier prompts."
+        )
+
+    def _reward_drop(self, rewards: deque[float], mean: float | None, best: float) -> float | None:
+        """The relative drop of the rolling reward below its best, when it is both larger than
+        ``reward_drop`` and ``reward_drop_z`` standard errors; else None.
+
+        The step-to-step noise ``σ²`` is estimated from successive differences over the whole
+        run, ``Σ (r_t − r_{t−1})² / (2·(T − 1))``, which a slow trend (learning, a collapse)
+        barely inflates; the difference of two N-step means then has ``se = σ·sqrt(2 / N)``.
+        With 1 prompt × G = 4 a step's reward moves by ~0.25 and the threshold follows; with
+        32 rollouts by ~0.09. ``reward_drop_z`` is well above 2 because the best window is the
+        maximum of many (over 300 steps pure noise spreads rolling means by ~5 of their σ).
+        """
+        if rewards and self._last_reward is not None:
+            self._diff_sq += (rewards[-1] - self._last_reward) ** 2
+            self._diffs += 1
+        self._last_reward = rewards[-1] if rewards else None
+        if mean is None or best <= 0 or not self._diffs:
+            return None
+        n, cfg = len(rewards), self.config
+        se = (self._diff_sq / (2 * self._diffs) * 2 / n) ** 0.5
+        gap = best - mean
+        if gap <= cfg.reward_drop * best or gap <= cfg.reward_drop_z * se:
+            return None
+        return gap / best
 
     def _push(self, key: str, value: Any) -> deque[float]:
         history = self._history.setdefault(key, deque(maxlen=self._n))

@@ -139,7 +139,11 @@ class SDPOTrainer:
             max_prompt_length=config.model.max_prompt_length,
             dtype=self.runtime.compute_dtype,
         )
-        self.health = HealthMonitor(config.health, distillation=self.distills)
+        self.health = HealthMonitor(
+            config.health,
+            distillation=self.distills,
+            policy_gradient=config.policy_gradient.pg_loss_weight > 0,
+        )
 
         run.output_dir = self.runtime.all_gather(run.output_dir)[0]  # rank 0's (a timestamp)
         self.run_dir = Path(run.output_dir)
