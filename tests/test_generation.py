@@ -147,6 +147,7 @@ def test_identical_weights_give_weight_one_with_top_p_and_top_k(top_k, top_p, le
 def test_vllm_logprobs_mode_by_setting():
     assert vllm_logprobs_mode(GenerationConfig(temperature=0.7)) == "processed_logprobs"
     assert vllm_logprobs_mode(GenerationConfig(top_p=0.95)) == "raw_logprobs"
+    assert vllm_logprobs_mode(GenerationConfig()) == "raw_logprobs"  # T = 1: raw = trainer's
     # No truncation at T != 1: the processed log-probs are the trainer's (weight 1).
     logits, tokens, train = _one_sampled_row(0.7, 0, 1.0)
     sampler = _reported(logits, tokens, "processed_logprobs", 0.7, 0, 1.0)

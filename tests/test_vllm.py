@@ -99,8 +99,12 @@ def test_vllm_samples_follow_the_hf_sampler_distribution(engine, sampling, diffe
 
 
 def _generation_config(sampling: dict) -> SDPOConfig:
+    # Sampling only: no mismatch correction, so one engine (its logprobs_mode fixed when it was
+    # built) serves every temperature and truncation here.
     return SDPOConfig(
-        generation__max_new_tokens=3, **{f"generation__{k}": v for k, v in sampling.items()}
+        generation__max_new_tokens=3,
+        generation__vllm_is_correction="none",
+        **{f"generation__{k}": v for k, v in sampling.items()},
     )
 
 

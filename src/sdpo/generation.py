@@ -167,19 +167,18 @@ def vllm_logprobs_mode(generation: GenerationConfig) -> str:
     renormalized over the kept tokens: ``log softmax(z/T) − log Z_t``, ``Z_t`` the kept mass) or
     ``raw_logprobs`` (``log softmax(z)``, before temperature and every filter). So:
 
-    - no top-k/top-p: ``processed_logprobs`` (``Z_t = 1``);
-    - top-k/top-p at T = 1: ``raw_logprobs``, which are then the trainer's exactly;
-    - top-k/top-p at T ≠ 1: neither mode matches. The processed ratio is ``log Z_t < 0`` on every
+    - T = 1: ``raw_logprobs``, the trainer's exactly, with or without top-k/top-p;
+    - T ≠ 1 without top-k/top-p: ``processed_logprobs`` (``Z_t = 1``);
+    - T ≠ 1 with top-k/top-p: neither mode matches. The processed ratio is ``log Z_t < 0`` on every
       token with identical weights, so a correction would scale every token down by ``Z_t``
       (``token``) or a row by ``Π Z_t`` (``sequence``: about 0.64 at 36 tokens with top-p 0.95,
       the e^-20 floor by ~8,000 tokens), and the ``hf`` backend applies no such factor. Refused
       unless ``generation.vllm_is_correction = none``.
     """
-    truncated = generation.top_p < 1.0 or generation.top_k > 0
-    if not truncated:
-        return "processed_logprobs"
     if generation.temperature == 1.0:
         return "raw_logprobs"
+    if generation.top_p == 1.0 and generation.top_k == 0:
+        return "processed_logprobs"
     if generation.vllm_is_correction != "none":
         raise ValueError(
             f"generation.vllm_is_correction = {generation.vllm_is_correction!r} with "
@@ -310,10 +309,14 @@ class VLLMBackend:
     def bind(self, policy: PolicyModel, generation: GenerationConfig) -> VLLMBackend:
         """Serve another policy of the same architecture (its weights are pushed now) and sample
         with ``generation``: one engine for several runs, e.g. in a test session."""
-        if vllm_logprobs_mode(generation) != self.logprobs_mode:
+        # The mode is the engine's; sampling itself follows `generation` whatever it is, so only
+        # a mismatch correction needs the log-probs to match.
+        needed = vllm_logprobs_mode(generation)
+        if needed != self.logprobs_mode and generation.vllm_is_correction != "none":
             raise ValueError(
-                f"This vLLM engine reports {self.logprobs_mode}; generation settings that need "
-                f"{vllm_logprobs_mode(generation)} (top_p/top_k/temperature) need a new engine."
+                f"This vLLM engine reports {self.logprobs_mode}; generation.temperature = "
+                f"{generation.temperature} needs {needed} for the mismatch correction: build a new "
+                "engine, or set generation.vllm_is_correction = none."
             )
         self.policy, self.generation = policy, generation
         self.sync_weights()
