@@ -83,6 +83,13 @@ def merge(parts: list[RolloutBatch], pad_id: int) -> RolloutBatch:
     )
 
 
+def _full(grad: torch.Tensor) -> torch.Tensor:
+    """A gradient as one full tensor on the CPU (an FSDP2 shard is gathered: a collective)."""
+    if hasattr(grad, "full_tensor"):
+        grad = grad.full_tensor()
+    return grad.detach().to("cpu", copy=True)
+
+
 def main() -> None:
     out, strategy, steps = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     mode = sys.argv[4] if len(sys.argv) > 4 else "train"
@@ -122,6 +129,21 @@ def main() -> None:
             return rollouts
 
         trainer.generate = recording
+    # Every step's full gradient, before clipping: AdamW's update is nearly blind to a gradient
+    # scale (a world-size error in the loss normalization), the gradient is not.
+    grads, clip = [], trainer._clip_gradients
+
+    def recording_clip():
+        grads.append(
+            {
+                name.removeprefix("module."): _full(p.grad)
+                for name, p in trainer.policy.model.named_parameters()
+                if p.grad is not None
+            }
+        )
+        return clip()
+
+    trainer._clip_gradients = recording_clip
     trainer.train()
     policy = trainer.runtime.full_state_dict(trainer.policy.model)
     teacher = trainer.runtime.full_state_dict(trainer.teacher.copy)
@@ -129,7 +151,7 @@ def main() -> None:
         torch.save(record, out / f"rollouts-rank{rank}.pt")
     if trainer.runtime.is_main:
         tmp = out / f"final-{mode}.pt.tmp"  # whole or absent: the test reads its presence
-        torch.save({"policy": policy, "teacher": teacher}, tmp)
+        torch.save({"policy": policy, "teacher": teacher, "grads": grads}, tmp)
         tmp.replace(out / f"final-{mode}.pt")
     trainer.runtime.close()
 

@@ -94,6 +94,16 @@ def test_two_processes_equal_one_process_over_the_same_global_batch(tmp_path, st
         assert multi[part].keys() == single[part].keys()
         for name, value in single[part].items():
             torch.testing.assert_close(multi[part][name], value, rtol=0, atol=5e-6, msg=name)
+    # The weights after AdamW cannot see a gradient scale (a world-size factor in the loss
+    # normalization moves them by ~nothing): compare every step's pre-clip gradient too.
+    assert len(multi["grads"]) == len(single["grads"]) == 3
+    for step, (got, want) in enumerate(zip(multi["grads"], single["grads"], strict=True)):
+        assert got.keys() == want.keys() and want
+        scale = max(float(g.abs().max()) for g in want.values())
+        for name, value in want.items():
+            torch.testing.assert_close(
+                got[name], value, rtol=1e-4, atol=1e-5 * scale, msg=f"step {step + 1} {name}"
+            )
     if strategy == "fsdp":  # the exported policy loads with from_pretrained, same log-probs
         from transformers import AutoModelForCausalLM
 
