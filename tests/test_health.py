@@ -87,7 +87,8 @@ def test_teacher_checks_are_off_without_distillation_and_kl_counts_distilled_ste
     quiet = stream(10, **{"self_distillation/reprompt_sample_fraction": 0.0})
     assert feed(grpo, quiet) == {}
     undistilled = stream(10, **{"self_distillation/distilled_token_fraction": 0.0})
-    undistilled = [{**m, "self_distillation/teacher_student_kl": 0.0} for m in undistilled]
+    zero = {"self_distillation/teacher_student_kl": 0.0, "self_distillation/divergence_mean": 0.0}
+    undistilled = [{**m, **zero} for m in undistilled]
     sd = HealthMonitor(HealthConfig(window=3))
     assert "low_teacher_kl" not in str(feed(sd, undistilled))
 
