@@ -1056,6 +1056,29 @@ PRESETS: dict[str, dict[str, Any]] = {
         "run.save_steps": 100,
         "run.eval_max_prompts": 500,
     },
+    # List-program synthesis (sdpo.tasks.listprog) with the model trained for it; compact teacher
+    # templates (feedback first, the question last, so the context ends in "Program:") keep the
+    # character-level model's sequences short.
+    "listprog": {
+        "model_name": "demo-listprog",
+        "num_samples_per_prompt": 8,
+        "data.task": "listprog",
+        "generation.max_new_tokens": 40,
+        "generation.temperature": 1.0,
+        "self_distillation.alpha": 0.5,
+        "self_distillation.teacher": "ema",
+        "self_distillation.teacher_update_rate": 0.05,
+        "self_distillation.reprompt_template": "{feedback}{solution}{prompt}",
+        "self_distillation.solution_template": "Correct: {successful_previous_attempt}\n",
+        "self_distillation.feedback_template": "{feedback_raw}\n",
+        "policy_gradient.kl_penalty_weight": 0.0,
+        "optimization.learning_rate": 1e-4,
+        "optimization.prompts_per_step": 8,
+        "optimization.micro_batch_size": 64,
+        "run.max_steps": 100,
+        "run.save_steps": 100,
+        "run.eval_max_prompts": 200,
+    },
     "grpo": {
         "self_distillation.distillation_weight": 0.0,
         "policy_gradient.pg_loss_weight": 1.0,

@@ -587,7 +587,7 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
 def check_model_source(name: str) -> None:
     """Raise ``FileNotFoundError`` when ``name`` is neither ``demo``, a local model directory, nor
     (with ``HF_HUB_OFFLINE=1``) in the Hugging Face cache. Cheap: reads no weights."""
-    if name == "demo":
+    if name in ("demo", "demo-listprog"):
         return
     path = Path(name).expanduser()
     if path.exists():
@@ -613,6 +613,10 @@ def _load(name: str, trust_remote_code: bool) -> tuple[PreTrainedModel, PreTrain
         from sdpo.demo import load_demo_model
 
         return load_demo_model()
+    if name == "demo-listprog":  # the list-program model (sdpo.tasks.listprog)
+        from sdpo.demo import load_listprog_model
+
+        return load_listprog_model()
     path = Path(name)
     if (path / "adapter_config.json").exists():  # a LoRA adapter (PEFT's format) on its base
         from sdpo.lora import load_pretrained

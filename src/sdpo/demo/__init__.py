@@ -20,6 +20,7 @@ from sdpo.config import (
 )
 
 DEMO_MODEL_DIR = Path(__file__).parent / "model"
+LISTPROG_MODEL_DIR = Path(__file__).parent / "listprog"  # model_name=demo-listprog
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
 CHARS = list(string.printable[:95]) + ["\n"]  # digits, letters, punctuation, space, newline
 
@@ -83,6 +84,18 @@ def load_demo_model() -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     tokenizer = build_char_tokenizer()
     model = LlamaForCausalLM.from_pretrained(DEMO_MODEL_DIR, dtype="float32")
     return model, tokenizer
+
+
+def load_listprog_model() -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """Load the shipped list-program model (:mod:`sdpo.tasks.listprog`) and its tokenizer."""
+    if not (LISTPROG_MODEL_DIR / "model.safetensors").exists():
+        raise FileNotFoundError(
+            f"The list-program model's weights are missing from {LISTPROG_MODEL_DIR}. "
+            "Run `python scripts/train_listprog_model.py` to create them."
+        )
+    return LlamaForCausalLM.from_pretrained(LISTPROG_MODEL_DIR, dtype="float32"), (
+        build_char_tokenizer()
+    )
 
 
 def teacher_prompt(prompt: str, demonstration: str) -> str:

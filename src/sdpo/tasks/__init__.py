@@ -21,6 +21,9 @@ TASKS: dict[str, str] = {
     "arithmetic_hard": "sdpo.tasks.arithmetic_hard",
     "reversal": "sdpo.tasks.reversal",
     "code": "sdpo.tasks.code",
+    "listprog": "sdpo.tasks.listprog",
+    "listprog_shaped": "sdpo.tasks.listprog_shaped",
+    "listprog_shuffled": "sdpo.tasks.listprog_shuffled",
 }
 SPLITS = ("train", "eval")
 
