@@ -13,6 +13,18 @@ from sdpo.tasks import listprog as lp
 from sdpo.tasks import load_task, task_reward_model
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread (as the trainer's run.num_threads=0 picks); two threads on a busy
+    machine made these tests 20x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def train_rows():
     return lp.load("train", n=300)

@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sdpo import discover
 
     discover.add_parser(sub)
+    from sdpo import probe
+
+    probe.add_parser(sub)
     export = sub.add_parser(
         "export",
         help="Write a run's trained policy as a model directory (save_pretrained).",
@@ -494,6 +497,10 @@ def main(argv: list[str] | None = None) -> int:
         from sdpo import discover
 
         return discover.main(args)
+    if args.command == "probe":
+        from sdpo import probe
+
+        return probe.main(args)
     if args.command == "export":
         return export(args)
     return 1

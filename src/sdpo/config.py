@@ -362,6 +362,17 @@ class RunConfig:
     sample_log_steps: int = _f(
         10, "Write sample records to samples.jsonl every N steps.", min=1, resumable=True
     )
+    teacher_probe_steps: int | None = _f(
+        None,
+        "Log the teacher's generative accuracy on a fixed probe set (teacher/probe_accuracy: "
+        "contexts with the feedback on the initial model's failed attempts at eval prompts) "
+        "every N steps; None = off.",
+        min=1,
+        resumable=True,
+    )
+    teacher_probe_prompts: int = _f(
+        32, "Eval prompts the teacher probe set is built from.", min=1, resumable=True
+    )
     save_steps: int = _f(50, "Checkpoint every N steps (and at the end).", min=1, resumable=True)
     save_total_limit: int = _f(2, "Keep the last K checkpoints.", min=1, resumable=True)
     resume_from: str | None = _f(

@@ -172,6 +172,12 @@ class SDPOTrainer:
         self._stop = StopRequest()
         self._samples_written = False
         self._t_start = time.time()
+        if run.teacher_probe_steps:  # the teacher's own accuracy on a fixed set (sdpo.probe)
+            from sdpo.probe import TeacherProbe
+
+            self.callbacks.append(
+                TeacherProbe(self, run.teacher_probe_steps, run.teacher_probe_prompts)
+            )
         if run.resume_from:
             self.load_checkpoint(run.resume_from)
 
