@@ -12,8 +12,23 @@ over several seeds, evaluating every ``--eval-every`` steps on the task's eval s
 ``sdpo discover`` (test-time SDPO vs best-of-k vs multi-turn retrying) on the same split. Writes
 ``study.json``, ``study.md`` (the tables) and PNG figures to ``--out`` (default ``docs/study``).
 
+With ``--task listprog`` (list programs with execution feedback, the ``listprog`` preset and its
+model, :mod:`sdpo.tasks.listprog`) the arms are the controlled set of ``LISTPROG_ARMS``:
+
+    grpo            binary reward (all hidden tests pass)
+    grpo_shaped     the fraction of hidden tests passed (information-matched control)
+    sdpo            SDPO + PG with the execution feedback
+    pure_sdpo       distillation only, with the feedback
+    sdpo_shuffled   SDPO + PG with another question's feedback (the control that must not gain)
+
+``--lrs`` and ``--updates`` give each arm a grid of learning rates and optimizer updates per
+generated batch (every combination is a run, named ``arm@lr=..,u=..``); the tables report
+generations, optimizer steps and wall-clock per run, and distilling arms log the teacher's own
+accuracy (``teacher/probe_accuracy``) at every evaluation.
+
     python scripts/study.py                         # the full study (see the README for its cost)
     python scripts/study.py --steps 2 --seeds 0 --eval-every 1 --eval-prompts 8 --discover-questions 2
+    python scripts/study.py --task listprog --out docs/listprog_study --runs runs/listprog_study
 """
 
 from __future__ import annotations
@@ -37,6 +52,14 @@ ARMS: dict[str, list[str]] = {
         "self_distillation.include_environment_feedback=false",
     ],
 }
+LISTPROG_ARMS: dict[str, list[str]] = {
+    "grpo": ["self_distillation.distillation_weight=0"],
+    "grpo_shaped": ["self_distillation.distillation_weight=0", "data.task=listprog_shaped"],
+    "sdpo": [],
+    "pure_sdpo": ["policy_gradient.pg_loss_weight=0"],
+    "sdpo_shuffled": ["data.task=listprog_shuffled"],
+}
+DISTILLING = {"sdpo", "sdpo_nofb", "pure_sdpo", "pure_sdpo_nofb", "sdpo_shuffled"}
 EVAL_KEY = "eval/accuracy_sampled"
 GREEDY_KEY = "eval/accuracy_greedy"
 
@@ -48,18 +71,54 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--task", default="arithmetic_hard", help="Built-in task.")
     p.add_argument("--steps", type=int, default=150, help="Training steps per run.")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Seeds per arm.")
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument(
+        "--arms", nargs="+", choices=sorted({*ARMS, *LISTPROG_ARMS}), help="Default: the task's."
+    )
+    p.add_argument(
+        "--preset", help="Config preset (default: listprog for listprog, else quickstart)."
+    )
+    p.add_argument("--lrs", nargs="+", type=float, help="Learning-rate grid (default: preset's).")
+    p.add_argument("--updates", nargs="+", type=int, help="Updates-per-batch grid (default: 1).")
     p.add_argument("--eval-every", type=int, default=25, help="Evaluate every N steps.")
     p.add_argument("--eval-prompts", type=int, default=200, help="Eval prompts per evaluation.")
     p.add_argument("--discover-questions", type=int, default=32, help="0 skips sdpo discover.")
     p.add_argument("--discover-budget", type=int, default=32, help="Attempts per question.")
     p.add_argument("--threads", type=int, default=1, help="OMP threads per run.")
     p.add_argument("overrides", nargs="*", help="Extra key=value for every training run.")
-    return p.parse_args()
+    args = p.parse_args()
+    listprog = args.task.startswith("listprog")
+    args.arm_table = LISTPROG_ARMS if listprog else ARMS
+    args.arms = args.arms or list(args.arm_table)
+    unknown = [a for a in args.arms if a not in args.arm_table]
+    if unknown:
+        p.error(f"--arms {unknown} do not apply to --task {args.task}; use {list(args.arm_table)}")
+    args.preset = args.preset or ("listprog" if listprog else "quickstart")
+    args.model = "demo-listprog" if listprog else "demo"
+    return args
 
 
-def run_training(args: argparse.Namespace, arm: str, seed: int) -> Path:
-    run_dir = args.runs / f"{arm}-seed{seed}"
+def grid(args: argparse.Namespace) -> list[tuple[str, str, list[str], int]]:
+    """(run name, arm, overrides, updates per batch) of every arm x lr x updates combination."""
+    lrs, updates = args.lrs or [None], args.updates or [1]
+    runs = []
+    for arm in args.arms:
+        for lr in lrs:
+            for u in updates:
+                tag = ([f"lr={lr:g}"] if len(lrs) > 1 else []) + (
+                    [f"u={u}"] if len(updates) > 1 else []
+                )
+                name = arm + ("@" + ",".join(tag) if tag else "")
+                extra = [f"optimization.updates_per_batch={u}"]
+                if lr is not None:
+                    extra.append(f"optimization.learning_rate={lr:g}")
+                if arm in DISTILLING:
+                    extra += [f"run.teacher_probe_steps={args.eval_every}"]
+                runs.append((name, arm, args.arm_table[arm] + extra, u))
+    return runs
+
+
+def run_training(args: argparse.Namespace, name: str, arm_overrides: list[str], seed: int) -> Path:
+    run_dir = args.runs / f"{name}-seed{seed}"
     if (run_dir / "metrics.jsonl").exists() and (run_dir / "done").exists():
         return run_dir  # finished earlier: reuse (delete the directory to rerun)
     if run_dir.exists():
@@ -71,6 +130,8 @@ def run_training(args: argparse.Namespace, arm: str, seed: int) -> Path:
         "-m",
         "sdpo.cli",
         "train",
+        "--preset",
+        args.preset,
         f"data.task={args.task}",
         f"run.max_steps={args.steps}",
         f"run.seed={seed}",
@@ -80,28 +141,32 @@ def run_training(args: argparse.Namespace, arm: str, seed: int) -> Path:
         "run.save_total_limit=1",
         "run.progress_bar=false",
         f"run.output_dir={run_dir}",
-        *ARMS[arm],
+        *arm_overrides,
         *args.overrides,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
     t0 = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"study: {arm} seed {seed} failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"study: {name} seed {seed} failed:\n{proc.stderr[-3000:]}")
     (run_dir / "done").write_text(f"{time.time() - t0:.1f}\n")
     return run_dir
 
 
-def read_run(run_dir: Path, samples_per_step: int) -> dict:
-    """Eval curve (step, generations, accuracy) and mean completion length of a run."""
-    evals, lengths = [], []
+def read_run(run_dir: Path, samples_per_step: int, updates: int = 1) -> dict:
+    """Eval curve (step, generations, optimizer steps, accuracy), the teacher's probe accuracy
+    curve and the mean completion length of a run."""
+    evals, lengths, teacher = [], [], []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
+        if "teacher/probe_accuracy" in rec:
+            teacher.append((rec["step"], rec["teacher/probe_accuracy"]))
         if EVAL_KEY in rec:
             evals.append(
                 {
                     "step": rec["step"],
                     "generations": rec["step"] * samples_per_step,
+                    "optimizer_steps": rec["step"] * updates,
                     "sampled": rec[EVAL_KEY],
                     "greedy": rec.get(GREEDY_KEY),
                 }
@@ -113,6 +178,7 @@ def read_run(run_dir: Path, samples_per_step: int) -> dict:
         "evals": evals,
         "mean_length": statistics.fmean(lengths) if lengths else None,
         "seconds": seconds,
+        "teacher_probe": teacher,
     }
 
 
@@ -157,8 +223,8 @@ def analyse(results: dict[str, list[dict]]) -> tuple[dict, str]:
     lines = [
         "| arm | final sampled acc | final greedy acc | generations to GRPO's final sampled acc "
         "(÷ GRPO's) | generations to GRPO's final greedy acc (÷ GRPO's) | mean completion "
-        "length | minutes per run |",
-        "|---|---|---|---|---|---|---|",
+        "length | optimizer steps | minutes per run | teacher probe acc (first -> last) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, runs in results.items():
         finals = [r["evals"][-1]["sampled"] for r in runs]
@@ -178,10 +244,18 @@ def analyse(results: dict[str, list[dict]]) -> tuple[dict, str]:
             "curves": [r["evals"] for r in runs],
         }
         minutes = [r["seconds"] / 60 for r in runs if r["seconds"] is not None]
+        probes = [r.get("teacher_probe") or [] for r in runs]
+        probe = (
+            f"{mean_sd([p[0][1] for p in probes])} -> {mean_sd([p[-1][1] for p in probes])}"
+            if all(probes)
+            else "-"
+        )
+        summary[arm]["teacher_probe"] = probes
         lines.append(
             f"| {arm} | {mean_sd(finals)} | {mean_sd(greedy)} | "
             + " | ".join(cells or ["-", "-"])
-            + f" | {mean_sd([r['mean_length'] for r in runs])} | {mean_sd(minutes)} |"
+            + f" | {mean_sd([r['mean_length'] for r in runs])}"
+            + f" | {runs[0]['evals'][-1].get('optimizer_steps', '-')} | {mean_sd(minutes)} | {probe} |"
         )
     for key in ("sampled", "greedy"):
         lines += [
@@ -198,7 +272,9 @@ def analyse(results: dict[str, list[dict]]) -> tuple[dict, str]:
     return summary, "\n".join(lines)
 
 
-def plot(results: dict[str, list[dict]], path: Path) -> None:
+def plot(
+    results: dict[str, list[dict]], path: Path, title: str = "arithmetic_hard, demo model"
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -228,7 +304,7 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="lower right")
     n_seeds = len(next(iter(results.values())))
-    fig.suptitle(f"arithmetic_hard, demo model, mean ± sd over {n_seeds} seed(s)", fontsize=11)
+    fig.suptitle(f"{title}, mean ± sd over {n_seeds} seed(s)", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -239,19 +315,19 @@ def main() -> int:
     args = parse_args()
     from sdpo.config import SDPOConfig
 
-    quick = SDPOConfig.preset("quickstart")
+    quick = SDPOConfig.preset(args.preset)
     quick.apply_overrides(list(args.overrides))
     samples_per_step = quick.optimization.prompts_per_step * quick.num_samples_per_prompt
     t0 = time.time()
     results: dict[str, list[dict]] = {}
-    for arm in args.arms:
+    for name, _, overrides, updates in grid(args):
         for seed in args.seeds:
-            run_dir = run_training(args, arm, seed)
-            results.setdefault(arm, []).append(read_run(run_dir, samples_per_step))
-            print(f"study: {arm} seed {seed} done ({time.time() - t0:.0f} s)", flush=True)
+            run_dir = run_training(args, name, overrides, seed)
+            results.setdefault(name, []).append(read_run(run_dir, samples_per_step, updates))
+            print(f"study: {name} seed {seed} done ({time.time() - t0:.0f} s)", flush=True)
     summary, table = analyse(results)
     args.out.mkdir(parents=True, exist_ok=True)
-    plot(results, args.out / "study.png")
+    plot(results, args.out / "study.png", f"{args.task}, model {args.model}")
     record = {"args": {k: str(v) for k, v in vars(args).items()}, "training": summary}
     text = ["## Training: SDPO vs GRPO", "", table]
     if args.discover_questions:
@@ -271,6 +347,10 @@ def main() -> int:
             *map(str, args.seeds),
             "--out",
             str(disc_dir),
+            "--preset",
+            args.preset,
+            "--model",
+            args.model,
         ]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
         if not (disc_dir / "discover.json").exists():  # finished earlier: reuse

@@ -47,3 +47,48 @@ def test_study_with_two_steps_writes_tables_and_figures(tmp_path):
     for name in ("study.png", "discovery.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     assert "| grpo |" in (out / "study.md").read_text()
+
+
+@pytest.mark.slow
+def test_listprog_study_with_two_steps(tmp_path):
+    """Every listprog arm (binary and shaped GRPO, SDPO+PG, pure SDPO, shuffled feedback) and
+    discovery run 2 steps with the shipped list-program model; the tables report optimizer steps
+    and the distilling arms the teacher's probe accuracy."""
+    pytest.importorskip("matplotlib")
+    out, runs = tmp_path / "docs", tmp_path / "runs"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "study.py"),
+            "--task", "listprog",
+            "--steps", "2",
+            "--seeds", "0",
+            "--eval-every", "1",
+            "--eval-prompts", "4",
+            "--discover-questions", "1",
+            "--discover-budget", "8",
+            "--out", str(out),
+            "--runs", str(runs),
+            "optimization.prompts_per_step=2",
+            "run.teacher_probe_prompts=4",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1200,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "study.json").read_text())
+    arms = {"grpo", "grpo_shaped", "sdpo", "pure_sdpo", "sdpo_shuffled"}
+    assert set(record["training"]) >= arms
+    curve = record["training"]["grpo"]["curves"][0]
+    assert [e["generations"] for e in curve] == [0, 16, 32]  # 2 prompts x G = 8 per step
+    assert [e["optimizer_steps"] for e in curve] == [0, 1, 2]
+    for arm in ("sdpo", "pure_sdpo", "sdpo_shuffled"):
+        (probe,) = record["training"][arm]["teacher_probe"]
+        assert [step for step, _ in probe] == [1, 2]
+    assert record["training"]["grpo"]["teacher_probe"] == [[]]
+    assert set(record["discover"]["methods"]) == {"sdpo", "best_of_k", "multi_turn"}
+    table = (out / "study.md").read_text()
+    assert "| grpo_shaped |" in table and "| sdpo_shuffled |" in table

@@ -342,6 +342,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="Seeds (curves get a band).")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--model", default="demo", help="Model path, hub id in the cache, or demo.")
+    p.add_argument(
+        "--preset", default="quickstart", help="Config preset under the test-time defaults."
+    )
     p.add_argument("--out", type=Path, default=Path("runs/discover"), help="Output directory.")
     p.add_argument(
         "overrides",
@@ -357,7 +360,7 @@ def main(args: Any) -> int:
     from sdpo.policy_model import PolicyModel
     from sdpo.sources import rows_and_reward
 
-    config = SDPOConfig.preset("quickstart")
+    config = SDPOConfig.preset(getattr(args, "preset", "quickstart"))
     config.apply_overrides([f"{k}={v}" for k, v in DISCOVER_DEFAULTS.items()])
     config.model_name = args.model
     config.apply_overrides(args.overrides)
