@@ -231,7 +231,7 @@ def format_report(result: dict[str, Any]) -> str:
     lines = [
         f"questions {result['questions']}, {result['attempts']} attempts each: all attempts fail "
         f"on {result['all_fail_fraction']:.1%} of questions (GRPO has no signal there)",
-        f"failed attempts probed: {result['failed_items']} ({result['samples']} samples each)",
+        f"failed attempts probed: {result['failed_items']} ({result['samples']} sample(s) each)",
     ]
     if "accuracy" in result:
         acc = result["accuracy"]
