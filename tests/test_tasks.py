@@ -108,7 +108,9 @@ def test_arithmetic_feedback_never_contains_the_answer():
 
 def test_unknown_task_names_the_closest():
     with pytest.raises(
-        KeyError, match=r"arithmetic.*Available tasks: arithmetic, arithmetic_hard, code, reversal"
+        KeyError,
+        match=r"arithmetic.*Available tasks: arithmetic, arithmetic_hard, code, listprog, "
+        r"listprog_shaped, listprog_shuffled, reversal",
     ):
         load_task("arithmetc", "train")
     with pytest.raises(ValueError, match="split"):
