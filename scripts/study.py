@@ -233,9 +233,13 @@ def analyse(results: dict[str, list[dict]]) -> tuple[dict, str]:
         cells = []
         for key, target in targets.items():
             curve = [{"generations": g, key: a} for g, a in mean_curve(runs, key)]
-            reach[key] = generations_to_reach(curve, target, key)
+            # GRPO's final accuracy 0: every arm "reaches" it at 0 generations, which means nothing
+            reach[key] = generations_to_reach(curve, target, key) if target > 0 else None
             g = reach[key]
-            cells.append("never" if g is None else f"{g} ({g / budget:.2f})")
+            if target <= 0:
+                cells.append("- (GRPO's is 0)")
+            else:
+                cells.append("never" if g is None else f"{g} ({g / budget:.2f})")
         summary[arm] = {
             "final_sampled": finals,
             "final_greedy": greedy,
