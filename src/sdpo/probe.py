@@ -300,7 +300,7 @@ class TeacherProbe:
     def on_step_end(self, trainer: Any, metrics: dict[str, float]) -> None:
         step = trainer.global_step
         if step % self.every == 0 or step == 1:
-            trainer._log_metrics(step, {"teacher/probe_accuracy": self.accuracy(trainer)})
+            trainer.log.metrics(step, {"teacher/probe_accuracy": self.accuracy(trainer)})
 
 
 # ----- command line ------------------------------------------------------------------------------
@@ -330,26 +330,19 @@ def add_parser(sub: Any) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """``sdpo probe``: print the report (and write ``--json``)."""
-    from sdpo.data import load_rows
     from sdpo.policy_model import PolicyModel
+    from sdpo.sources import rows_and_reward
 
     config = SDPOConfig.from_yaml(args.config) if args.config else SDPOConfig.preset(args.preset)
     config.apply_overrides(args.overrides)
     if args.model:
         config.model_name = args.model
-    if args.file:
-        if not args.reward:
-            raise SystemExit("sdpo probe: --file needs --reward (math, code, exact, module:fn).")
-        from sdpo.cli import load_reward
-
-        rows, reward = load_rows(args.file), load_reward(args.reward)
-    else:
-        from sdpo.tasks import load_task, task_reward_model
-
-        task = args.task or config.data.task
-        if not task:
-            raise SystemExit("sdpo probe: give --task NAME, or --file with --reward.")
-        rows, reward = load_task(task, args.split, seed=config.run.seed), task_reward_model(task)
+    if args.file and not args.reward:
+        raise SystemExit("sdpo probe: --file needs --reward (math, code, exact, module:fn).")
+    source = args.file or args.task or config.data.task
+    if not source:
+        raise SystemExit("sdpo probe: give --task NAME, or --file with --reward.")
+    rows, reward = rows_and_reward(source, args.split, reward=args.reward, seed=config.run.seed)
     rows = rows[: args.num_questions]
     policy = PolicyModel(config.model_name, device=config.model.device, dtype=config.model.dtype)
     result = run_probe(
