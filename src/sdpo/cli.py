@@ -185,6 +185,11 @@ def _add_eval_parser(sub: Any) -> None:
     )
     ev.add_argument("--batch-size", type=int, default=64, help="Completions generated per call.")
     ev.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="Allow the model's own Python code (a run's config.yaml never turns this on).",
+    )
+    ev.add_argument(
         "-o", "--output", type=Path, default=Path("eval.json"), help="Where to write the JSON."
     )
     ev.add_argument(
@@ -337,10 +342,45 @@ def eval_data(config: SDPOConfig) -> tuple[list[dict[str, Any]], Any]:
     return rows, as_reward_model(reward)
 
 
+def check_eval_args(args: argparse.Namespace) -> None:
+    """Bounds of ``sdpo eval``'s numbers, checked before any model is loaded."""
+    from sdpo.config import MAX_SAMPLES_PER_PROMPT
+
+    if not 1 <= args.samples <= MAX_SAMPLES_PER_PROMPT:
+        raise ValueError(f"--samples must be in [1, {MAX_SAMPLES_PER_PROMPT}], got {args.samples}.")
+    for flag, value in (("--max-prompts", args.max_prompts), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}.")
+    if args.output.is_dir():
+        raise ValueError(
+            f"-o {args.output} is a directory; give a file, e.g. {args.output}/eval.json."
+        )
+    if args.baseline and Path(args.baseline).is_absolute() and not Path(args.baseline).exists():
+        raise FileNotFoundError(f"--baseline {args.baseline} does not exist.")
+
+
+def trusts_remote_code(args: argparse.Namespace, config: SDPOConfig, run_dir: Path | None) -> bool:
+    """Only the user's command line allows a model's own code: ``--trust-remote-code`` or a
+    ``model.trust_remote_code=true`` override, never the evaluated run's ``config.yaml``."""
+    on_command_line = any(
+        o.split("=", 1)[0].strip() == "model.trust_remote_code" for o in args.overrides
+    )
+    trust = args.trust_remote_code or (on_command_line and config.model.trust_remote_code)
+    if config.model.trust_remote_code and not trust and run_dir is not None:
+        print(
+            f"sdpo eval: {run_dir}/config.yaml sets model.trust_remote_code: true; not applied "
+            "(pass --trust-remote-code to run the model's own code).",
+            file=sys.stderr,
+        )
+    return bool(trust)
+
+
 def evaluate(args: argparse.Namespace) -> int:
     import json
 
     from sdpo import evaluation as ev
+    from sdpo.checkpoint import CheckpointError
+    from sdpo.reward_model import RewardFunctionError
 
     try:
         _, _, run_dir = ev.resolve_model(args.model, args.checkpoint, args.teacher)
@@ -348,9 +388,9 @@ def evaluate(args: argparse.Namespace) -> int:
         if args.temperature is not None:
             config.set("generation.temperature", args.temperature)
             config.validate()
-        if args.samples < 1:
-            raise ValueError(f"--samples must be >= 1, got {args.samples}.")
-    except (KeyError, ValueError, FileNotFoundError) as exc:
+        check_eval_args(args)
+        trust = trusts_remote_code(args, config, run_dir)
+    except (KeyError, ValueError, FileNotFoundError, CheckpointError) as exc:
         print(f"sdpo eval: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
     rows, reward = eval_data(config)
@@ -366,7 +406,7 @@ def evaluate(args: argparse.Namespace) -> int:
             teacher,
             device=config.model.device,
             dtype=config.model.dtype,
-            trust_remote_code=config.model.trust_remote_code,
+            trust_remote_code=trust,
         )
         return ev.evaluate_policy(
             policy,
@@ -379,6 +419,7 @@ def evaluate(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             max_prompt_length=config.model.max_prompt_length,
             progress=Progress(len(rows) * (1 + args.samples), f"eval {spec}", unit="completions"),
+            reward_timeout_s=config.data.reward_timeout_s,
         )
 
     print(
@@ -390,7 +431,7 @@ def evaluate(args: argparse.Namespace) -> int:
     try:
         result = run(args.model, args.checkpoint, args.teacher)
         base = run(args.baseline, None, False) if args.baseline else None
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, CheckpointError, RewardFunctionError) as exc:
         print(f"sdpo eval: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
     report: dict[str, Any] = {
@@ -428,13 +469,14 @@ def evaluate(args: argparse.Namespace) -> int:
 def export(args: argparse.Namespace) -> int:
     """``sdpo export [--merge] RUN_DIR OUT``: the trained policy as a ``save_pretrained`` directory."""
     from sdpo import lora
+    from sdpo.checkpoint import CheckpointError
     from sdpo.evaluation import resolve_model
     from sdpo.policy_model import PolicyModel
 
     try:
         name, _, _ = resolve_model(str(args.run), args.checkpoint)
         policy = PolicyModel(name, device="cpu")
-    except (ValueError, FileNotFoundError, ImportError) as exc:
+    except (ValueError, FileNotFoundError, ImportError, CheckpointError) as exc:
         print(f"sdpo: {exc}", file=sys.stderr)
         return 2
     if args.out.exists() and any(args.out.iterdir()):

@@ -35,6 +35,12 @@ def _f(default: Any, doc: str, **choices: Any) -> Any:
     return field(default=default, metadata=meta)
 
 
+# Far above any real run (the paper: 32 prompts x 8 samples, LoRA ranks <= 256), far below what
+# exhausts a machine before the first step.
+MAX_PROMPTS_PER_STEP = 65536
+MAX_SAMPLES_PER_PROMPT = 4096
+MAX_LORA_RANK = 4096
+
 DEFAULT_REPROMPT_TEMPLATE = (
     "{prompt}{solution}{feedback}\n\nCorrectly solve the original question.\n"
 )
@@ -53,7 +59,8 @@ class LoraConfig:
     base with adapters off, or a snapshot of a trained starting adapter).
     """
 
-    r: int = _f(0, "LoRA rank; 0 = no adapter (every weight is trained).", min=0)
+    # Upper bounds here and below: a typo (1e9) fails at once naming the key, not in the allocator.
+    r: int = _f(0, "LoRA rank; 0 = no adapter (every weight is trained).", min=0, max=MAX_LORA_RANK)
     lora_alpha: float = _f(
         32.0, "LoRA scaling numerator: the update is (lora_alpha / r)·B·A.", min_exclusive=0.0
     )
@@ -282,7 +289,10 @@ class OptimizationConfig:
         1.0, "Gradient-norm clip; None disables it.", min_exclusive=0.0, resumable=True
     )
     prompts_per_step: int = _f(
-        8, "Prompts B per step when the trainer builds the data loader itself.", min=1
+        8,
+        "Prompts B per step when the trainer builds the data loader itself.",
+        min=1,
+        max=MAX_PROMPTS_PER_STEP,
     )
     micro_batch_size: int = _f(
         8,
@@ -498,7 +508,9 @@ class SDPOConfig:
     model_name: str = _f(
         "demo", "Model path or hub id; 'demo' = the small model shipped with sdpo."
     )
-    num_samples_per_prompt: int = _f(4, "Rollouts per prompt G (one group).", min=1)
+    num_samples_per_prompt: int = _f(
+        4, "Rollouts per prompt G (one group).", min=1, max=MAX_SAMPLES_PER_PROMPT
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     self_distillation: SelfDistillationConfig = field(default_factory=SelfDistillationConfig)

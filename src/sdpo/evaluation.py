@@ -201,6 +201,7 @@ def evaluate_policy(
     trainer_state: Any = None,
     sampler: Any = None,
     progress: Any = None,
+    reward_timeout_s: float | None = None,
 ) -> EvalResult:
     """Greedy and ``num_samples`` sampled completions per prompt, scored by ``reward_model``.
 
@@ -215,6 +216,8 @@ def evaluate_policy(
     samples as training does; default: the policy's own HF sampler with ``generation``.
     ``progress`` (e.g. :class:`sdpo.progress.Progress`) gets ``update(n)`` per generated batch of
     n completions and ``close()`` at the end.
+    ``reward_timeout_s``: a reward call longer than this raises
+    :class:`~sdpo.reward_model.RewardTimeoutError` (``data.reward_timeout_s``, as in training).
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
@@ -234,11 +237,11 @@ def evaluate_policy(
         if greedy:
             _generate_and_score(
                 policy, reward_model, kept, encoded, records, 1, generation, True, batch_size,
-                success_threshold, trainer_state, sampler, progress,
+                success_threshold, trainer_state, sampler, progress, reward_timeout_s,
             )  # fmt: skip
         _generate_and_score(
             policy, reward_model, kept, encoded, records, num_samples, generation, False,
-            batch_size, success_threshold, trainer_state, sampler, progress,
+            batch_size, success_threshold, trainer_state, sampler, progress, reward_timeout_s,
         )  # fmt: skip
     if progress is not None:
         progress.close()
@@ -259,6 +262,7 @@ def _generate_and_score(
     trainer_state: Any = None,
     sampler: Any = None,
     progress: Any = None,
+    reward_timeout_s: float | None = None,
 ) -> None:
     """Fill ``records`` with ``g`` completions per prompt (greedy: the ``greedy_*`` fields)."""
     per_call = max(1, batch_size // g)
@@ -279,6 +283,7 @@ def _generate_and_score(
             completions,
             completion_id_lists(completion_ids, completion_mask),
             trainer_state=trainer_state,
+            timeout_s=reward_timeout_s,
         )
         lengths = completion_mask.sum(-1).tolist()
         judged = success_scores(reward_model, outputs)  # several functions: the success rule
@@ -318,6 +323,8 @@ def resolve_model(
     else the newest checkpoint. ``teacher`` picks the EMA teacher's weights of that checkpoint.
     """
     path = Path(spec)
+    if path.is_dir():
+        verify_files(path)
     if not path.is_dir():
         if checkpoint or teacher:
             raise ValueError(f"--checkpoint/--teacher need a run directory; {spec!r} is not one.")
@@ -359,10 +366,24 @@ def resolve_model(
     return str(model_dir), teacher_file, run_dir
 
 
+def verify_files(path: Path) -> None:
+    """Check ``path`` against its manifest before its weights are read: a checkpoint, ``final/``
+    (which has one since issue 23), or a directory inside a checkpoint (``checkpoint-N/policy``).
+    Raises :class:`~sdpo.checkpoint.CheckpointError` naming the broken file; a directory with no
+    manifest anywhere (a model from elsewhere) is not checked."""
+    for owner in (path, path.parent):
+        if (owner / ckpt.MANIFEST).exists() or (owner / ckpt.STATE_FILE).exists():
+            problem = ckpt.verify(owner)
+            if problem:
+                raise ckpt.CheckpointError(f"{owner} is broken: {problem}.")
+            return
+
+
 def _pick_checkpoint(run_dir: Path, name: str | None, teacher: bool) -> Path:
     if name is None:
         final = run_dir / "final"
         if final.is_dir() and not teacher:
+            verify_files(final)
             return final
         return ckpt.resolve_checkpoint(run_dir)
     candidates = [run_dir / name]
@@ -370,6 +391,7 @@ def _pick_checkpoint(run_dir: Path, name: str | None, teacher: bool) -> Path:
         candidates.append(run_dir / f"checkpoint-{int(name):06d}")
     for c in candidates:
         if c.is_dir():
+            verify_files(c)
             return c
     found = [p.name for p in ckpt.list_checkpoints(run_dir)]
     if (run_dir / "final").is_dir():

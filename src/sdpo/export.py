@@ -96,6 +96,9 @@ def save_pretrained_dir(
     policy.tokenizer.save_pretrained(tmp)
     generation_config(policy, generation).save_pretrained(tmp)
     (tmp / "README.md").write_text(card)
+    from sdpo.checkpoint import write_manifest  # checked by `sdpo eval` / `sdpo export`
+
+    write_manifest(tmp)
     if out.exists():
         old = out.parent / f".old-{out.name}-{os.getpid()}"
         out.rename(old)

@@ -395,6 +395,7 @@ class SDPOTrainer:
                 trainer_state=self.trainer_state(),
                 sampler=self.generator,  # as training samples (vLLM included)
                 progress=_eval_progress(cfg, len(self.eval_rows), self.runtime.is_main),
+                reward_timeout_s=cfg.data.reward_timeout_s,
             )
         metrics = {f"eval/{k}": v for k, v in result.metrics.items()}
         self._log(self.global_step, metrics)
