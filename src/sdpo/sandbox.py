@@ -43,6 +43,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import selectors
 import shutil
@@ -202,7 +203,7 @@ import os, resource, signal, sys
 spec = eval(sys.argv[1], {"__builtins__": {}})  # literals written by sandbox.py (no json: faster)
 with open("/proc/self/status") as f:
     nnp = "NoNewPrivs:\t1" in f.read()  # bubblewrap sets it
-if spec["fs"] or spec["drop_caps"] or not nnp:
+if True:  # prctl (the parent-death signal) is needed at every level
     try:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
@@ -310,28 +311,61 @@ elif spec["drop_caps"]:  # root of a user namespace: keep the uid, lose every ca
         fail("capset")
 if not nnp and libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
     fail("no_new_privs")
+# Die with the trainer, whatever kills it (SIGKILL included). The trainer holds the write end of
+# a pipe whose read end is spec["death_fd"]: end of file means the trainer is gone. Then, as PID 1
+# of a namespace, leaving takes every process of the run with it; without a PID namespace, with a
+# uid of its own, kill(-1) reaches every process of that uid (daemonized ones included). The
+# parent-death signal is a second line (the uid drop above cleared the one bwrap/unshare set; a
+# parent without CAP_KILL, like bwrap as root, cannot deliver it across uids, hence the pipe).
+def leave_with_everything(code):
+    if os.getpid() != 1 and uid >= 0:
+        os.kill(-1, signal.SIGKILL)  # not this process itself (Linux)
+    elif os.getpid() != 1:
+        os.killpg(0, signal.SIGKILL)
+    os._exit(code)
+
+
+death_fd = spec["death_fd"]
+libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+wake_r, wake_w = os.pipe()
+os.set_blocking(wake_w, False)
+signal.set_wakeup_fd(wake_w)
+signal.signal(signal.SIGCHLD, lambda *a: None)  # wakes select() below through wake_w
 child = os.fork()
+if child == 0:  # the program: none of the supervisor's descriptors, default signals
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for fd in (wake_r, wake_w, death_fd):
+        os.close(fd)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)
 if child:
+    import select
     # The supervisor: resumes the program when something stops it, reaps orphans (as PID 1), and
     # leaves (taking a PID namespace down) with the program, reporting a signal as 128 + number.
     while True:
-        try:
-            pid, status, usage = os.wait4(-1, os.WUNTRACED)
-        except ChildProcessError:
-            os._exit(125)
-        except InterruptedError:
-            continue
-        if pid != child:
-            continue
-        if os.WIFSTOPPED(status):
-            os.kill(child, signal.SIGCONT)
-            continue
-        if os.WIFEXITED(status):
-            os._exit(os.WEXITSTATUS(status))
-        sig = os.WTERMSIG(status)
-        if sig == signal.SIGKILL and cpu > 0 and usage.ru_utime + usage.ru_stime >= cpu - 0.05:
-            sig = signal.SIGXCPU  # the hard CPU limit: SIGXCPU was ignored
-        os._exit(128 + sig)
+        ready = select.select([death_fd, wake_r], [], [])[0]
+        if death_fd in ready and not os.read(death_fd, 1):
+            leave_with_everything(137)
+        if wake_r in ready:
+            os.read(wake_r, 4096)
+        while True:
+            try:
+                pid, status, usage = os.wait4(-1, os.WUNTRACED | os.WNOHANG)
+            except ChildProcessError:
+                os._exit(125)
+            if pid == 0:
+                break
+            if pid != child:
+                continue
+            if os.WIFSTOPPED(status):
+                os.kill(child, signal.SIGCONT)
+                continue
+            if os.WIFEXITED(status):
+                os._exit(os.WEXITSTATUS(status))
+            sig = os.WTERMSIG(status)
+            if sig == signal.SIGKILL and cpu > 0 and usage.ru_utime + usage.ru_stime >= cpu - 0.05:
+                sig = signal.SIGXCPU  # the hard CPU limit: SIGXCPU was ignored
+            os._exit(128 + sig)
 tail = spec["tail"]
 if tail[0] == "exec":
     try:
@@ -342,7 +376,8 @@ if tail[0] == "exec":
 import builtins
 with open("main.py", "rb") as f:
     code = compile(f.read(), "main.py", "exec")
-del os, resource, R, cpu, uid, f, spec, tail, child, nnp, signal
+del os, resource, R, cpu, uid, f, spec, tail, child, nnp, signal, death_fd, wake_r, wake_w
+del leave_with_everything
 libc = ctypes = None
 sys.argv = ["main.py"]
 g = {"__name__": "__main__", "__file__": "main.py", "__builtins__": builtins}
@@ -864,6 +899,7 @@ def run_program(
     """
     config = config or SandboxConfig()
     isolation, launch = _resolve(config)
+    _remove_stale()
     data = stdin.encode() if isinstance(stdin, str) else bytes(stdin)
     return _run(program, data, config, launch, isolation)
 
@@ -882,6 +918,7 @@ def run_many(
         raise ValueError(f"run_many: {len(programs)} programs but {len(stdins)} stdins.")
     config = config or SandboxConfig()
     _resolve(config)  # detect (or refuse) once, before any thread starts
+    _remove_stale()
     workers = max(1, min(max_workers or len(os.sched_getaffinity(0)), len(programs)))
     if workers == 1:
         return [run_program(p, s, config) for p, s in zip(programs, stdins, strict=True)]
@@ -897,10 +934,13 @@ def _run(
     program: Program, stdin: bytes, config: SandboxConfig, launch: _Launch, isolation: Isolation
 ) -> ExecutionResult:
     start = time.monotonic()
-    workdir = tempfile.mkdtemp(prefix="sdpo-sandbox-")
     uid = _UID_BASE + secrets.randbelow(_UID_SPAN) if launch.drop_uid else -1
+    # Owner pid and uid in the name: a later start removes it (and that uid's processes) if the
+    # owner died without cleaning up (_remove_stale).
+    workdir = tempfile.mkdtemp(prefix=f"sdpo-sandbox-{os.getpid()}-{uid}-")
     proc: subprocess.Popen | None = None
     cgroup: _RunCgroup | None = None
+    death_r = death_w = -1
     try:
         if uid >= 0:
             os.chown(workdir, uid, uid)
@@ -932,7 +972,9 @@ def _run(
                 "binds": view.binds,
                 "hide": view.hide,
             }
+        death_r, death_w = os.pipe()  # the supervisor sees end of file when this process is gone
         spec = {
+            "death_fd": death_r,
             "cpu": math.ceil(config.cpu_time_s) if math.isfinite(config.cpu_time_s) else 0,
             "mem": config.memory_bytes,
             "fsize": fsize,
@@ -955,6 +997,7 @@ def _run(
         argv = _launcher_argv(launch, workdir, config) + boot
         if cgroup is not None:
             argv = cgroup.join_argv() + argv
+        argv = _die_with_parent_argv() + argv
         with tempfile.TemporaryFile() as stdin_file:
             stdin_file.write(stdin)
             stdin_file.seek(0)
@@ -966,8 +1009,11 @@ def _run(
                 cwd=workdir,
                 env=env,
                 close_fds=True,
+                pass_fds=(death_r,),
                 start_new_session=True,  # its own process group, killed as a whole at the end
             )
+        os.close(death_r)
+        death_r = -1
         deadline = start + config.wall_time_s
         out, err, timed_out, truncated = _collect(proc, deadline, config.max_output_bytes)
     finally:
@@ -975,6 +1021,9 @@ def _run(
             # A launcher that exited by itself took its PID namespace down with it.
             ended = proc.poll() is not None and launch.launcher != "plain"
             _kill_everything(proc, -1 if ended else uid, cgroup)
+        for fd in (death_r, death_w):
+            if fd >= 0:
+                os.close(fd)
         memory_exceeded = cgroup is not None and cgroup.oom_killed()
         if cgroup is not None:
             cgroup.remove()
@@ -994,6 +1043,74 @@ def _run(
         isolation=str(isolation),
         memory_exceeded=memory_exceeded,
     )
+
+
+# Sets SIGKILL as the parent-death signal, checks the parent is still this process, then runs
+# the rest (a fallback for setpriv: the signal survives the exec into the launcher).
+_DIE_WITH_PARENT = (
+    "import ctypes, os, sys\n"
+    "if ctypes.CDLL(None).prctl(1, 9, 0, 0, 0) != 0 or os.getppid() != int(sys.argv[1]):\n"
+    "    os._exit(125)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def _die_with_parent_argv() -> list[str]:
+    """A prefix that makes the launcher die (SIGKILL) when this process dies, even by SIGKILL;
+    the launcher then takes the run down (bwrap --die-with-parent, unshare --kill-child, and the
+    boot script's own parent-death signal)."""
+    setpriv = _find_tool("setpriv")
+    if setpriv:
+        return [setpriv, "--pdeathsig", "KILL", "--"]
+    return [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid())]
+
+
+_STALE_WORKDIR = re.compile(r"^sdpo-sandbox-(\d+)-(-?\d+)-[a-z0-9_]{8}$")
+_STALE_CGROUP = re.compile(r"^sdpo-sandbox-(\d+)-[0-9a-f]{12}$")
+_stale_removed: list[bool] = []
+
+
+def _owner_dead(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _remove_stale() -> None:
+    """Once per process: remove the working directories and cgroups of runs whose owner died
+    (SIGKILL leaves no time to clean up), killing what still runs in them first."""
+    if _stale_removed:
+        return
+    _stale_removed.append(True)
+    top = tempfile.gettempdir()
+    try:
+        entries = os.listdir(top)
+    except OSError:
+        return
+    for name in entries:
+        m = _STALE_WORKDIR.match(name)
+        if not m or not _owner_dead(int(m.group(1))):
+            continue
+        uid = int(m.group(2))
+        if uid >= _UID_BASE and os.geteuid() == 0:  # a uid of its own: kill what it still runs
+            for pid in _pids_of_uid(uid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(os.path.join(top, name), onerror=_force_remove)
+        logger.info("Sandbox: removed %s (its owner, pid %s, is gone)", name, m.group(1))
+    base = _detect_cgroups()
+    for parent in base.dirs if base is not None else ():
+        for d in glob.glob(f"{parent}/sdpo-sandbox-*"):
+            m = _STALE_CGROUP.match(os.path.basename(d))
+            if m and _owner_dead(int(m.group(1))):
+                stale = _RunCgroup.__new__(_RunCgroup)
+                stale.version, stale.dirs = base.version, [d]
+                stale.kill()
+                stale.remove()
 
 
 def _launcher_argv(launch: _Launch, workdir: str, config: SandboxConfig) -> list[str]:
