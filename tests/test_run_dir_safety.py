@@ -177,3 +177,57 @@ def test_overwrite_removes_symlinked_run_files_not_their_targets(tmp_path, victi
     RunDirectory(run).claim(overwrite=True)
     assert sorted(p.name for p in run.iterdir()) == [".lock"]
     assert (elsewhere / "keep.txt").read_text() == "mine" and victim.read_text() == "precious\n"
+
+
+# ----- clear first errors (L items) ----------------------------------------------------------------
+
+
+FULL_DISK = """
+import resource, signal, sys
+sys.path.insert(0, sys.argv[2])
+import torch
+from conftest import make_tiny_llama
+from sdpo import PolicyModel, SDPOConfig
+from sdpo import checkpoint as ckpt
+
+model, tok = make_tiny_llama()
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # 1 MB files: a full disk
+ckpt.save_checkpoint(
+    __import__("pathlib").Path(sys.argv[1]), 1, policy=PolicyModel(model=model, tokenizer=tok),
+    modules={}, objects={"big": torch.zeros(1 << 20)}, trainer_state={}, config=SDPOConfig(),
+    keep=2,
+)
+"""
+
+
+def test_a_full_disk_during_a_checkpoint_says_so_and_names_the_file(tmp_path):
+    """The policy fits under the limit, the 4 MB state does not."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    tests = str(Path(__file__).parent)
+    proc = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(run), tests],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("sdpo.checkpoint.CheckpointError: Writing checkpoint 1 in "), last
+    assert "File too large" in last and "big.pt" in last and "iostream" not in last
+    assert list(run.iterdir()) == []  # the partial checkpoint was removed
+
+
+def test_an_fsdp_checkpoint_loaded_by_one_process_says_how_to_resume_it(tmp_path):
+    (tmp_path / "shards").mkdir()
+    with pytest.raises(
+        ckpt.CheckpointError, match="distributed.strategy=fsdp run .*under torchrun"
+    ):
+        ckpt.load_checkpoint(tmp_path, policy=object(), modules={})
+
+
+def test_a_ddp_checkpoint_resumed_by_one_process_says_how_to_resume_it():
+    with pytest.raises(ckpt.CheckpointError, match="random streams of 2 processes.*torchrun"):
+        ckpt.set_rng_state([ckpt.rng_state(), ckpt.rng_state()])

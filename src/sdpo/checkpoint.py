@@ -27,6 +27,7 @@ layout: write shards into the temporary directory, then :func:`write_manifest` a
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 # The run directory's names, the recovery of interrupted saves and the timeline rule live with the
@@ -75,6 +77,12 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    if isinstance(state, list):  # one per rank: written by a ddp/fsdp run
+        raise CheckpointError(
+            f"This checkpoint holds the random streams of {len(state)} processes (a "
+            "distributed.strategy=ddp or fsdp run); resume it the same way, under torchrun with "
+            f"--nproc_per_node {len(state)}."
+        )
     random.setstate(_as_tuples(state["python"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -112,18 +120,51 @@ def save_checkpoint(
     tmp = run_dir / f".tmp-checkpoint-{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    try:
+        _write_files(tmp, policy, modules, objects, trainer_state, config)
+    except (OSError, SafetensorError) as exc:  # a full disk, a file-size limit, a lost mount
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+        raise CheckpointError(
+            f"Writing checkpoint {step} in {run_dir} failed: {reason}{where}. Nothing was "
+            "replaced; the earlier checkpoints are kept. Free disk space (or raise the limit) "
+            "and resume."
+        ) from None
+    final = commit(tmp, run_dir / f"checkpoint-{step:06d}")
+    prune(run_dir, keep)
+    return final
+
+
+def _write_files(
+    tmp: Path,
+    policy: Any,
+    modules: dict[str, torch.nn.Module],
+    objects: dict[str, Any],
+    trainer_state: dict[str, Any],
+    config: Any,
+) -> None:
     # The policy directory loads with `from_pretrained` as well as into a running trainer.
     policy.save_weights(tmp)
     for name, module in modules.items():
         save_model(module, str(tmp / f"{name}.safetensors"))
     for name, obj in objects.items():
-        torch.save(obj, tmp / f"{name}.pt")
+        save_state(obj, tmp / f"{name}.pt")
     config.to_yaml(tmp / "config.yaml")
     (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
     write_manifest(tmp)
-    final = commit(tmp, run_dir / f"checkpoint-{step:06d}")
-    prune(run_dir, keep)
-    return final
+
+
+def save_state(obj: Any, file: Path) -> None:
+    """``torch.save`` through memory, then one plain write: a full disk is an ``OSError`` with
+    its errno ("No space left on device"), not torch's "basic_ios::clear: iostream error"."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    try:
+        with open(file, "wb") as fh:
+            fh.write(buffer.getbuffer())
+    except OSError as exc:  # a failed write() carries no file name
+        raise OSError(exc.errno, exc.strerror, str(file)) from None
 
 
 def check_finite(modules: dict[str, torch.nn.Module]) -> None:
@@ -263,6 +304,12 @@ def load_checkpoint(
 
     ``path`` should come from :func:`resolve_checkpoint` (which checks the files).
     """
+    if (path / "shards").is_dir():
+        raise CheckpointError(
+            f"{path} was written by a distributed.strategy=fsdp run (its weights are in shards/); "
+            "resume it under torchrun with distributed.strategy=fsdp and the same number of "
+            "processes."
+        )
     policy.load_weights(path)
     for name, module in modules.items():
         file = path / f"{name}.safetensors"

@@ -76,7 +76,7 @@ def save_sharded(
         policy.model.save_pretrained(tmp / "policy", state_dict=full)
         policy.tokenizer.save_pretrained(tmp / "policy")
         for name, obj in objects.items():
-            torch.save(obj, tmp / f"{name}.pt")
+            ckpt.save_state(obj, tmp / f"{name}.pt")
         config.to_yaml(tmp / "config.yaml")
         (tmp / ckpt.STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
         ckpt.write_manifest(tmp)  # fsync + checksums, as sdpo.checkpoint does
