@@ -124,3 +124,19 @@ def test_sigkilled_trainer_leaves_no_program_and_the_next_start_cleans_up(tmp_pa
     if base is not None:
         for d in base.dirs:
             assert glob.glob(f"{d}/sdpo-sandbox-{trainer.pid}-*") == []
+
+
+# ----- clear first errors (L items) ----------------------------------------------------------------
+
+
+def test_an_absurd_memory_limit_is_refused_when_configured():
+    with pytest.raises(ValueError, match=r"SandboxConfig.memory_bytes must be at most 2\*\*62"):
+        sandbox.SandboxConfig(memory_bytes=2**70)
+
+
+def test_a_tests_column_that_is_not_json_is_named_with_its_row():
+    from sdpo.environments.code import CodeExecutionRewardModel
+
+    reward = CodeExecutionRewardModel()
+    with pytest.raises(ValueError, match=r"Row 0: the tests column is a string but not JSON"):
+        reward(["p"], ["print(1)"], tests=["not json ["])

@@ -73,6 +73,9 @@ ENV_ISOLATION = "SDPO_SANDBOX_ISOLATION"  # overrides isolation="auto": bwrap | 
 ENV_ALLOW_UNSAFE = "SDPO_SANDBOX_ALLOW_UNSAFE"  # "1": as allow_unsafe=True
 
 
+_MAX_BYTES = 1 << 62
+
+
 @dataclass(frozen=True)
 class SandboxConfig:
     """Limits and isolation of one sandboxed run."""
@@ -106,6 +109,11 @@ class SandboxConfig:
                 raise ValueError(
                     f"SandboxConfig.{name} must be finite (only cpu_time_s may be inf, "
                     "meaning no CPU-time limit; the wall clock still applies)."
+                )
+        for name in ("memory_bytes", "file_size_bytes", "workdir_bytes"):
+            if getattr(self, name) > _MAX_BYTES:  # beyond what setrlimit and tmpfs accept
+                raise ValueError(
+                    f"SandboxConfig.{name} must be at most 2**62 bytes, got {getattr(self, name)!r}."
                 )
         if self.max_processes < 1 or self.max_output_bytes < 1:
             raise ValueError("SandboxConfig.max_processes and max_output_bytes must be >= 1.")

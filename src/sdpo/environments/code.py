@@ -371,7 +371,13 @@ class _Case:
 
 def _parse_cases(tests: Any, row: int) -> list[_Case]:
     if isinstance(tests, str):
-        tests = json.loads(tests)
+        try:
+            tests = json.loads(tests)
+        except ValueError as exc:
+            raise ValueError(
+                f"Row {row}: the tests column is a string but not JSON ({exc}): {tests!r:.200}. "
+                "Give a list of cases, or a JSON string of one."
+            ) from None
     if not isinstance(tests, list) or not tests:
         raise ValueError(
             f"Row {row}: the tests column must be a non-empty list of cases, got {tests!r:.200}."
