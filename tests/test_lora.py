@@ -290,6 +290,7 @@ def test_without_peft_the_library_works_and_lora_names_the_extra(tmp_path):
 def test_checkpoint_adapters_export_and_merge_reproduce_the_policy(tmp_path):
     from safetensors.torch import load_file
 
+    from sdpo.checkpoint import write_manifest
     from sdpo.cli import main as cli_main
 
     base_model, tok = make_tiny_llama()
@@ -328,6 +329,7 @@ def test_checkpoint_adapters_export_and_merge_reproduce_the_policy(tmp_path):
     for name in ("policy", "teacher"):
         cfg = ckpt / name / "adapter_config.json"
         cfg.write_text(cfg.read_text().replace('"model"', f'"{tmp_path / "base"}"'))
+    write_manifest(ckpt)  # the edit above is deliberate: export verifies the manifest
     assert cli_main(["export", str(ckpt), str(tmp_path / "adapter")]) == 0
     assert cli_main(["export", "--merge", str(ckpt), str(tmp_path / "merged")]) == 0
     adapter = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "adapter"))
