@@ -219,3 +219,20 @@ def test_eval_output_directory_is_refused_before_evaluating(run, tmp_path, capsy
     assert main(["eval", str(run), *EVAL, "-o", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert f"-o {tmp_path} is a directory" in err and "prompts x" not in err
+
+
+# ----- sdpo export of a LoRA run: the adapter, as documented ------------------------------------
+
+
+def test_export_of_a_lora_run_writes_the_adapter_and_merge_the_model(tmp_path):
+    pytest.importorskip("peft")
+    from test_lora import make_trainer as make_lora_trainer
+
+    make_lora_trainer(tmp_path, run__max_steps=1, run__save_steps=1).train()
+    run = tmp_path / "run"
+    assert (run / "final" / "adapter" / "adapter_config.json").exists()
+    assert main(["export", str(run), str(tmp_path / "adapter")]) == 0
+    names = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    assert "adapter_config.json" in names and "model.safetensors" not in names
+    assert main(["export", "--merge", str(run), str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "model.safetensors").exists()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -475,12 +476,21 @@ def export(args: argparse.Namespace) -> int:
 
     try:
         name, _, _ = resolve_model(str(args.run), args.checkpoint)
-        policy = PolicyModel(name, device="cpu")
-    except (ValueError, FileNotFoundError, ImportError, CheckpointError) as exc:
+    except (ValueError, FileNotFoundError, CheckpointError) as exc:
         print(f"sdpo: {exc}", file=sys.stderr)
         return 2
     if args.out.exists() and any(args.out.iterdir()):
         print(f"sdpo: {args.out} exists and is not empty; choose a new directory.", file=sys.stderr)
+        return 2
+    adapter = Path(name) / "adapter"  # final/ of a LoRA run: the merged model plus its adapter
+    if not args.merge and (adapter / "adapter_config.json").is_file():
+        shutil.copytree(adapter, args.out, dirs_exist_ok=True)
+        print(f"sdpo: wrote the LoRA adapter (PEFT format) of {name} to {args.out}")
+        return 0
+    try:
+        policy = PolicyModel(name, device="cpu")
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        print(f"sdpo: {exc}", file=sys.stderr)
         return 2
     if policy.is_lora and not args.merge:
         lora.save_adapter(policy.model, args.out, lora.student_adapter(policy.model))
