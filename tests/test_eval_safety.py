@@ -236,3 +236,33 @@ def test_export_of_a_lora_run_writes_the_adapter_and_merge_the_model(tmp_path):
     assert "adapter_config.json" in names and "model.safetensors" not in names
     assert main(["export", "--merge", str(run), str(tmp_path / "merged")]) == 0
     assert (tmp_path / "merged" / "model.safetensors").exists()
+
+
+# ----- sdpo plot: a torn line, an empty run, -o DIR -------------------------------------------------
+
+
+def _metrics_run(tmp_path: Path, lines: list[str]) -> Path:
+    run = tmp_path / "plotrun"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    return run
+
+
+def test_plot_skips_a_torn_line_naming_file_and_line(tmp_path):
+    pytest.importorskip("matplotlib")
+    good = [json.dumps({"step": s, "reward": s / 10}) for s in range(1, 4)]
+    run = _metrics_run(tmp_path, [*good, '{"step": 4, "rew'])
+    with pytest.warns(UserWarning, match=r"metrics.jsonl:4: not a metrics record"):
+        assert main(["plot", str(run), "-o", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_plot_refuses_an_empty_run_and_an_output_directory(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    empty = _metrics_run(tmp_path, [])
+    assert main(["plot", str(empty), "-o", str(tmp_path / "e.png")]) == 2
+    assert "No numeric metrics to plot in" in capsys.readouterr().err
+    assert not (tmp_path / "e.png").exists()
+    (empty / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward": 0.5}) + "\n")
+    assert main(["plot", str(empty), "-o", str(tmp_path)]) == 2
+    assert f"-o {tmp_path} is a directory" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,11 +66,17 @@ def load_run(run_dir: str | Path, name: str | None = None) -> RunCurves:
     except (KeyError, TypeError, ValueError):
         pass
     run = RunCurves(name or run_dir.name, config, samples)
-    for line in metrics.read_text().splitlines():
+    for number, line in enumerate(metrics.read_text().splitlines(), start=1):
         if not line.strip():
             continue
-        record = json.loads(line)
-        step = record.get("step")
+        try:
+            record = json.loads(line)
+            step = int(record["step"])
+        except (ValueError, KeyError, TypeError) as exc:  # e.g. the torn last line of a killed run
+            warnings.warn(
+                f"{metrics}:{number}: not a metrics record ({exc}); skipped.", stacklevel=2
+            )
+            continue
         for key, value in record.items():
             if key == "step" or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
@@ -141,7 +148,14 @@ def plot_runs(
         ) from exc
     if x not in ("steps", "samples"):
         raise ValueError(f"x must be 'steps' or 'samples', got {x!r}.")
+    if Path(output).is_dir():
+        raise ValueError(f"-o {output} is a directory; give a file, e.g. {output}/curves.png.")
     runs = [load_run(d, name) for d, name in zip(run_dirs, _names(run_dirs), strict=True)]
+    empty = [str(d) for d, r in zip(run_dirs, runs, strict=True) if not r.series]
+    if empty:
+        raise ValueError(
+            f"No numeric metrics to plot in {', '.join(empty)} (metrics.jsonl has no records yet?)."
+        )
     if x == "samples" and any(r.samples_per_step is None for r in runs):
         raise ValueError("x='samples' needs each run's config.yaml (prompts_per_step, G).")
     curves = group_runs(runs) if group else [(r.name, [r]) for r in runs]
