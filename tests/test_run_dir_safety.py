@@ -12,6 +12,7 @@ from helpers import checkpoint_trainer as make_trainer
 from safetensors.torch import load_file
 
 from sdpo import checkpoint as ckpt
+from sdpo.reward_model import as_reward_model
 from sdpo.run_dir import RunDirectory, RunDirectoryError, write_text_atomic
 
 # ----- H2: a resume from an older checkpoint is a new timeline ----------------------------------
@@ -189,6 +190,7 @@ import torch
 from conftest import make_tiny_llama
 from sdpo import PolicyModel, SDPOConfig
 from sdpo import checkpoint as ckpt
+from sdpo.reward_model import as_reward_model
 
 model, tok = make_tiny_llama()
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -231,3 +233,36 @@ def test_an_fsdp_checkpoint_loaded_by_one_process_says_how_to_resume_it(tmp_path
 def test_a_ddp_checkpoint_resumed_by_one_process_says_how_to_resume_it():
     with pytest.raises(ckpt.CheckpointError, match="random streams of 2 processes.*torchrun"):
         ckpt.set_rng_state([ckpt.rng_state(), ckpt.rng_state()])
+
+
+def test_sigterm_during_the_step_0_evaluation_stops_and_saves(tmp_path, capsys):
+    from test_checkpoint import ROWS, parity_reward
+
+    sent = []
+
+    def preempted_while_scoring(prompts, completions, **columns):
+        if not sent:  # one preemption, during the evaluation's first scoring
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return parity_reward(prompts, completions)
+
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda *a: seen.append("outer handler"))
+    try:
+        trainer = make_trainer(tmp_path / "run", run__max_steps=3, run__save_steps=10)
+        trainer.eval_rows = ROWS[:1]
+        trainer.reward_model = as_reward_model(preempted_while_scoring)
+        trainer.train()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == [] and trainer.global_step == 0
+    assert ckpt.resolve_checkpoint(tmp_path / "run").name == "checkpoint-000000"
+    assert "SIGTERM: finishing the current step" in capsys.readouterr().err
+
+
+def test_resume_with_an_empty_config_says_so(tmp_path):
+    from sdpo.cli import main
+
+    (tmp_path / "config.yaml").write_text("")
+    with pytest.raises(SystemExit, match=r"config.yaml is empty .*--config FILE"):
+        main(["train", "--resume", str(tmp_path)])

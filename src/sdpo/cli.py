@@ -213,6 +213,11 @@ def load_config(args: argparse.Namespace) -> SDPOConfig:
             raise SystemExit(
                 f"sdpo: --resume {target}: no config.yaml there; give the run directory of an earlier `sdpo train`."
             )
+        if not args.config and not saved.read_text().strip():
+            raise SystemExit(
+                f"sdpo: --resume {target}: {saved} is empty (the run's settings are lost); pass "
+                "the run's settings with --config FILE."
+            )
         config = SDPOConfig.from_yaml(args.config or saved)
         config.run.resume_from = str(target)
         config.run.output_dir = str(run_dir)

@@ -431,10 +431,10 @@ class SDPOTrainer:
             self.log.config_file()
             self.log.start()
             self.callbacks.fire("on_train_begin", self)
-            self.last_eval = self.evaluate() if self.global_step == 0 else {}
-            if self.global_step == 0:  # a resumed run has the first run's, from its checkpoint
-                self.first_eval = dict(self.last_eval)
-            with self._stop.listening():
+            with self._stop.listening():  # the step-0 evaluation too: it may take long
+                self.last_eval = self.evaluate() if self.global_step == 0 else {}
+                if self.global_step == 0:  # a resumed run has the first run's, from its checkpoint
+                    self.first_eval = dict(self.last_eval)
                 self._loop()
             if self._stop.requested:
                 path = self.save_checkpoint()
