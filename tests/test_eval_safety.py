@@ -266,3 +266,12 @@ def test_plot_refuses_an_empty_run_and_an_output_directory(tmp_path, capsys):
     (empty / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward": 0.5}) + "\n")
     assert main(["plot", str(empty), "-o", str(tmp_path)]) == 2
     assert f"-o {tmp_path} is a directory" in capsys.readouterr().err
+
+
+def test_an_empty_list_override_names_its_own_key_not_another():
+    config = SDPOConfig.preset("quickstart")
+    with pytest.raises(
+        ValueError, match=r"run.report_to must be a list .*run.report_to=\[\]"
+    ) as err:
+        config.apply_overrides(["run.report_to="])
+    assert "q_proj" not in str(err.value)

@@ -965,7 +965,8 @@ def _convert(key: str, value: Any, typ: Any) -> Any:
             return [_convert(f"{key}[{i}]", v, float) for i, v in enumerate(value)]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ValueError(
-                f"{key} must be a list of strings, e.g. [q_proj, v_proj]; got {value!r}."
+                f"{key} must be a list of strings, e.g. {key}=a,b or {key}=[] for none; "
+                f"got {value!r}."
             )
         return value
     return value
