@@ -275,3 +275,25 @@ def test_an_empty_list_override_names_its_own_key_not_another():
     ) as err:
         config.apply_overrides(["run.report_to="])
     assert "q_proj" not in str(err.value)
+
+
+def test_eval_of_a_lora_checkpoint_policy_directory(tmp_path, capsys):
+    """``sdpo eval RUN/checkpoint-N/policy`` of a LoRA run: an adapter directory on its base."""
+    pytest.importorskip("peft")
+    from test_lora import make_trainer as make_lora_trainer
+
+    trainer = make_lora_trainer(tmp_path, run__max_steps=1, run__save_steps=1)
+    trainer.train()
+    base = tmp_path / "base"  # the run's base is an in-process model: give it a directory
+    model, tok = make_tiny_llama()
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    point = tmp_path / "run" / "checkpoint-000001"
+    cfg = point / "policy" / "adapter_config.json"
+    cfg.write_text(
+        json.dumps({**json.loads(cfg.read_text()), "base_model_name_or_path": str(base)})
+    )
+    ckpt.write_manifest(point)
+    args = ["eval", str(point / "policy"), "task=arithmetic", *EVAL, "-o", str(tmp_path / "e.json")]
+    assert main(args) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "e.json").read_text())["metrics"]

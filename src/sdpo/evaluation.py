@@ -337,7 +337,7 @@ def resolve_model(
         run_dir = path.parent if (path.parent / "config.yaml").exists() else None
     elif run_dir is not None:
         chosen = _pick_checkpoint(run_dir, checkpoint, teacher)
-    elif (path / "config.json").exists():
+    elif (path / "config.json").exists() or (path / "adapter_config.json").exists():
         if checkpoint or teacher:
             raise ValueError(
                 f"{spec} is a model directory; --checkpoint/--teacher need a run directory."
