@@ -224,11 +224,30 @@ def test_eval_output_directory_is_refused_before_evaluating(run, tmp_path, capsy
 # ----- sdpo export of a LoRA run: the adapter, as documented ------------------------------------
 
 
+def _lora_trainer(tmp_path: Path) -> SDPOTrainer:
+    """A one-step LoRA run (r = 4) in ``tmp_path/run``, checkpointed at step 1."""
+    from conftest import make_trainer, parity_reward
+
+    return make_trainer(
+        tmp_path / "run",
+        reward=parity_reward,
+        rows=ROWS,
+        defaults=dict(
+            num_samples_per_prompt=2,
+            generation__max_new_tokens=4,
+            optimization__prompts_per_step=2,
+            run__max_steps=1,
+            run__save_steps=1,
+            run__progress_bar=False,
+            model__lora__r=4,
+        ),
+    )
+
+
 def test_export_of_a_lora_run_writes_the_adapter_and_merge_the_model(tmp_path):
     pytest.importorskip("peft")
-    from test_lora import make_trainer as make_lora_trainer
 
-    make_lora_trainer(tmp_path, run__max_steps=1, run__save_steps=1).train()
+    _lora_trainer(tmp_path).train()
     run = tmp_path / "run"
     assert (run / "final" / "adapter" / "adapter_config.json").exists()
     assert main(["export", str(run), str(tmp_path / "adapter")]) == 0
@@ -280,9 +299,8 @@ def test_an_empty_list_override_names_its_own_key_not_another():
 def test_eval_of_a_lora_checkpoint_policy_directory(tmp_path, capsys):
     """``sdpo eval RUN/checkpoint-N/policy`` of a LoRA run: an adapter directory on its base."""
     pytest.importorskip("peft")
-    from test_lora import make_trainer as make_lora_trainer
 
-    trainer = make_lora_trainer(tmp_path, run__max_steps=1, run__save_steps=1)
+    trainer = _lora_trainer(tmp_path)
     trainer.train()
     base = tmp_path / "base"  # the run's base is an in-process model: give it a directory
     model, tok = make_tiny_llama()

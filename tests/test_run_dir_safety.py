@@ -236,7 +236,8 @@ def test_a_ddp_checkpoint_resumed_by_one_process_says_how_to_resume_it():
 
 
 def test_sigterm_during_the_step_0_evaluation_stops_and_saves(tmp_path, capsys):
-    from test_checkpoint import ROWS, parity_reward
+    from conftest import parity_reward
+    from helpers import CHECKPOINT_ROWS as ROWS
 
     sent = []
 
