@@ -199,14 +199,51 @@ class SelfDistillationConfig:
     )
     teacher: str = _f(
         "ema",
-        "Teacher kind: ema copy, frozen initial model, live student, or trust_region lerp.",
-        choices=("ema", "frozen", "live", "trust_region"),
+        "Teacher kind: ema copy, frozen initial model, live student, trust_region lerp, or gated "
+        "(a copy frozen between refreshes, refreshed when the reward improved: docs/method.md).",
+        choices=("ema", "frozen", "live", "trust_region", "gated"),
     )
     teacher_update_rate: float = _f(
         0.05,
         "EMA rate beta: phi <- (1-beta) phi + beta theta (trust_region: lerp weight). 0.05 is the paper's science setting and holds with the PG term on (the default; the study's SDPO arm); for pure SDPO (pg_loss_weight=0), long runs or a high learning rate prefer 0.01 or teacher=frozen: on arithmetic_hard at lr 1e-4, pure SDPO with 0.05 collapsed to 0.55/0.60 sampled/greedy after its peak while 0.01 reached 0.73/0.84 and frozen 0.74/0.85 (one seed; the 3-seed default decision is pending).",
         min=0.0,
         max=1.0,
+    )
+    # The gated teacher's refresh rule (CGTR, arXiv 2606.03532; sdpo.teacher.GateRule).
+    gated_window: int = _f(
+        10,
+        "gated teacher: W, the steps of the rolling reward/length means and the least steps "
+        "between refreshes.",
+        min=1,
+    )
+    gated_min_improvement: float = _f(
+        0.0,
+        "gated teacher: refresh only when the W-step mean reward exceeds the one at the last "
+        "refresh by more than this.",
+        min=0.0,
+    )
+    gated_length_ratio: float = _f(
+        1.5,
+        "gated teacher: no refresh while the W-step mean p90 completion length exceeds this times "
+        "the one at the last refresh (length blow-up).",
+        min_exclusive=0.0,
+    )
+    # Method variants (docs/method.md; each is neutral at its default: plain SDPO).
+    routing: str = _f(
+        "none",
+        "correctness = SRPO (arXiv 2604.02288): distill only rollouts with reward < "
+        "success_reward_threshold; a PG term at distillation_weight covers the others.",
+        choices=("none", "correctness"),
+    )
+    pass_rate_weighting: bool = _f(
+        False,
+        "SC-SDPO (arXiv 2605.27765): weight each question's distillation by sqrt(p(1-p)), p = its "
+        "group's success rate (all-fail and all-success groups get 0).",
+    )
+    divergence_clip: float | None = _f(
+        None,
+        "Clip each token's divergence at this value (its gradient is 0 above it); None = off.",
+        min_exclusive=0.0,
     )
     dont_reprompt_on_self_success: bool = _f(
         True, "Never use a completion as its own demonstration."
@@ -265,6 +302,24 @@ class PolicyGradientConfig:
     )
     scale_rewards: bool = _f(
         True, "Divide group-centred rewards by the group's std + eps (official SDPO runs: off)."
+    )
+    advantage_clip: float | None = _f(
+        None,
+        "Clip advantages to [-c, c] (the paper's test-time runs: 5.0); None = off.",
+        min_exclusive=0.0,
+    )
+    rlsd_max_weight: float | None = _f(
+        None,
+        "RLSD (arXiv 2604.03128): scale the PG term of rows with a teacher per token by "
+        "min(exp(sign(A)(log q - log pi)), this); None = off. Runs the teacher pass.",
+        min_exclusive=0.0,
+    )
+    advantage_blend: float | None = _f(
+        None,
+        "The paper's Eq. 3: PG advantage lambda*A_GRPO + (1-lambda)*(log q - log pi) per token "
+        "(lambda = this, 0.9 for weak models); None = off. Runs the teacher pass.",
+        min=0.0,
+        max=1.0,
     )
     loss_aggregation: str = _f(
         "token_mean",
@@ -720,6 +775,18 @@ class SDPOConfig:
         if sd.distillation_level == "token" and sd.alpha != 1.0:
             raise ValueError(
                 "self_distillation.distillation_level = 'token' needs self_distillation.alpha = 1.0 (reverse KL on the sampled token)."
+            )
+        if sd.divergence_clip is not None and sd.distillation_level != "logit":
+            raise ValueError(
+                "self_distillation.divergence_clip clips a divergence, which the sampled-token "
+                "estimator (distillation_level = 'token') does not compute; use "
+                "distillation_level=logit or divergence_clip=null."
+            )
+        if sd.routing != "none" and sd.distillation_weight == 0:
+            raise ValueError(
+                "self_distillation.routing splits rows between distillation and a PG term weighted "
+                "like the distillation term; with distillation_weight = 0 both are off. Set "
+                "self_distillation.distillation_weight > 0 or routing=none."
             )
         return self
 

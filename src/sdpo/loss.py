@@ -47,6 +47,15 @@ from sdpo.policy_model import PolicyModel, RolloutBatch, output_head
 from sdpo.reprompting import TeacherContext
 from sdpo.self_distillation import importance_weights, policy_terms, self_distillation_loss
 from sdpo.teacher import Teacher, Weights
+from sdpo.variants import (
+    blend_advantages,
+    clip_advantages,
+    clip_divergence,
+    needs_teacher,
+    pass_rate_weights,
+    rlsd_weights,
+    route_by_correctness,
+)
 
 
 @dataclass
@@ -178,7 +187,7 @@ class SDPOLoss:
         self.reference = reference
         self.runtime = runtime
         self.lockstep = Lockstep(runtime.lockstep)
-        self.distills = config.self_distillation.distillation_weight > 0
+        self.distills = needs_teacher(config)  # a teacher pass runs (the term may be off: RLSD)
         self.terms = [t for t in TERMS if t.weight(config) > 0]
 
     @property
@@ -438,23 +447,33 @@ class SDPOLoss:
 # ----- terms -------------------------------------------------------------------------------------
 
 
-def pg_term(loss: SDPOLoss, mb: MicroBatch) -> tuple[Tensor, dict[str, float]]:
+def pg_term(
+    loss: SDPOLoss, mb: MicroBatch, rows: Tensor | None = None
+) -> tuple[Tensor, dict[str, float]]:
     """Clipped PG surrogate ``−min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A)`` per token ``[b, L]``, times
-    the mismatch and per-token PG weights, aggregated by ``policy_gradient.loss_aggregation``."""
+    the mismatch and per-token PG weights (and the ``[b, L]`` 0/1 ``rows`` mask, if given),
+    aggregated by ``policy_gradient.loss_aggregation`` with the whole step's counts."""
     pg = loss.config.policy_gradient
     per_token, clipped = clipped_surrogate(
         mb.logprobs, mb.old_logprobs, mb.advantages, eps_low=pg.clip_eps_low, eps_high=pg.clip_eps_high
     )  # fmt: skip
-    if mb.mismatch is not None:
-        per_token = per_token * mb.mismatch
-    if mb.pg_weights is not None:
-        per_token = per_token * mb.pg_weights
+    for w in (mb.mismatch, mb.pg_weights, rows):
+        if w is not None:
+            per_token = per_token * w
     value = aggregate_loss(per_token, mb.completion_mask, pg.loss_aggregation, **_agg(mb.counts))
     c_mask = mb.completion_mask
     return value, {
         "policy_loss": float(value.detach()),
         "clipped_tokens": clip_fraction(clipped, c_mask) * float(c_mask.sum()),
     }
+
+
+def routed_pg_term(loss: SDPOLoss, mb: MicroBatch) -> tuple[Tensor, dict[str, float]]:
+    """SRPO routing's PG half (:func:`sdpo.variants.route_by_correctness`): the PG surrogate on
+    the rows that are not distilled, normalized like the PG term, at ``distillation_weight``."""
+    distilled = unflatten(mb.distill_mask.to(mb.logprobs.dtype), mb.mask)
+    value, _ = pg_term(loss, mb, rows=mb.completion_mask * (1.0 - distilled))
+    return value, {"routed_policy_loss": float(value.detach())}
 
 
 def kl_term(loss: SDPOLoss, mb: MicroBatch) -> tuple[Tensor, dict[str, float]]:
@@ -505,11 +524,29 @@ TERMS: list[Term] = [
         distillation_term,
         metric="self_distillation/distillation_loss",
     ),
+    Term(
+        "routed_policy_loss",
+        lambda c: (
+            c.self_distillation.distillation_weight
+            if c.self_distillation.routing == "correctness"
+            else 0.0
+        ),
+        routed_pg_term,
+        metric="routing/policy_loss",
+    ),
 ]
 # (loss, rollouts, batch) -> None: edit advantages / distilled / distill_weights before the counts.
-BATCH_MODIFIERS: list[Callable[[SDPOLoss, RolloutBatch, PreparedBatch], None]] = []
+BATCH_MODIFIERS: list[Callable[[SDPOLoss, RolloutBatch, PreparedBatch], None]] = [
+    clip_advantages,
+    route_by_correctness,
+    pass_rate_weights,
+]
 # (loss, mb) -> None: edit pg_weights / distill_weights / distill_mask of a micro-batch.
-TOKEN_MODIFIERS: list[Callable[[SDPOLoss, MicroBatch], None]] = []
+TOKEN_MODIFIERS: list[Callable[[SDPOLoss, MicroBatch], None]] = [
+    clip_divergence,
+    rlsd_weights,
+    blend_advantages,
+]
 
 
 # ----- helpers -----------------------------------------------------------------------------------

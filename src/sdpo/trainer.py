@@ -51,8 +51,9 @@ from sdpo.reward_model import (
 from sdpo.run_dir import RunDirectory
 from sdpo.run_log import RunLog
 from sdpo.stop import StopRequest
-from sdpo.teacher import Teacher, reference_weights
+from sdpo.teacher import GateRule, Teacher, reference_weights
 from sdpo.trl_compat import resolve_trainer_args
+from sdpo.variants import needs_teacher
 
 
 class NonFiniteLossError(RuntimeError):
@@ -116,7 +117,7 @@ class SDPOTrainer:
         self.callbacks = CallbackHandler(callbacks)
 
         sd, pg = config.self_distillation, config.policy_gradient
-        self.distills = sd.distillation_weight > 0  # False: GRPO, no teacher is ever run
+        self.distills = needs_teacher(config)  # False: GRPO, no teacher is ever run
         needs_reference = pg.kl_penalty_weight > 0 or (
             self.distills and sd.teacher in ("frozen", "trust_region")
         )
@@ -125,7 +126,10 @@ class SDPOTrainer:
         self.reference = reference_weights(policy_model) if needs_reference else None
         # A run that does not distill (GRPO) has no use for a teacher: no EMA copy, no updates.
         teacher_kind = sd.teacher if self.distills else "live"
-        self.teacher = Teacher(teacher_kind, policy_model, sd.teacher_update_rate, self.reference)
+        gate = GateRule(sd.gated_window, sd.gated_min_improvement, sd.gated_length_ratio)
+        self.teacher = Teacher(
+            teacher_kind, policy_model, sd.teacher_update_rate, self.reference, gate=gate
+        )
         self.reprompter = Reprompter(sd, tokenizer=policy_model.tokenizer, seed=run.seed)
         self.runtime.shard(policy_model.model, *self.teacher.checkpoint_modules().values())
         self.loss = SDPOLoss(self.config, policy_model, self.teacher, self.reference, self.runtime)
@@ -197,6 +201,8 @@ class SDPOTrainer:
         metrics = self.update(rollouts, contexts)
         self.global_step += 1
         metrics.update(self._rollout_metrics(rollouts))
+        lengths = rollouts.completion_mask.sum(-1).float()  # the gated teacher's refresh rule
+        metrics.update(self.teacher.observe(*self.runtime.gather_cat(rollouts.rewards, lengths)))
         metrics.update(rollouts.reward_metrics)
         stats = self.runtime.all_reduce(self.reprompter.last_stats, op="mean")
         metrics.update({f"self_distillation/{k}": v for k, v in stats.items()})
@@ -530,6 +536,8 @@ class SDPOTrainer:
             "nonfinite_in_row": self._nonfinite_in_row,
             "first_eval": getattr(self, "first_eval", {}),  # the "before" of a resumed run
         }
+        if self.teacher.gate is not None:
+            state["teacher_gate"] = self.teacher.gate.state_dict()
         path = self.checkpointer.save(state, self.scheduler)
         self.callbacks.fire("on_save", self)
         return path
@@ -545,6 +553,8 @@ class SDPOTrainer:
         self.counters.update(state.get("counters", {}))
         self._nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
         self.first_eval = dict(state.get("first_eval", {}))
+        if self.teacher.gate is not None and "teacher_gate" in state:
+            self.teacher.gate.load_state_dict(state["teacher_gate"])
         self.generator.sync_weights()
         if self.runtime.is_main:
             print(

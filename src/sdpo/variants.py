@@ -1,0 +1,150 @@
+"""Method variants of SDPO (docs/method.md): per-sequence and per-token modifiers of the loss.
+
+Each function is one entry of :data:`sdpo.loss.BATCH_MODIFIERS` (``(loss, rollouts, batch)``,
+edits the :class:`~sdpo.loss.PreparedBatch` before the step's counts are taken) or
+:data:`sdpo.loss.TOKEN_MODIFIERS` (``(loss, mb)``, edits a :class:`~sdpo.loss.MicroBatch` before
+the terms run), and returns at once when its config key is at the neutral setting, so a config that
+does not name it keeps plain SDPO's loss bit for bit. Notation: ``A_i`` the sequence's advantage,
+``π_t = π_θ(y_t | x, y_<t)`` the student's and ``q_t = π(y_t | x', y_<t)`` the teacher's
+probability of the sampled token, ``p̂_g`` the success rate of question ``g``'s group.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:  # the loss module imports this one
+    from sdpo.config import SDPOConfig
+    from sdpo.loss import MicroBatch, PreparedBatch, SDPOLoss
+    from sdpo.policy_model import RolloutBatch
+
+
+def needs_teacher(config: SDPOConfig) -> bool:
+    """Whether a run computes teacher contexts and runs the teacher pass: it distills, or a
+    variant reads the teacher's log-probs (RLSD, the Eq. 3 advantage blend)."""
+    pg = config.policy_gradient
+    return (
+        config.self_distillation.distillation_weight > 0
+        or pg.rlsd_max_weight is not None
+        or pg.advantage_blend is not None
+    )
+
+
+# ----- per sequence (BATCH_MODIFIERS) ------------------------------------------------------------
+
+
+def clip_advantages(loss: SDPOLoss, rollouts: RolloutBatch, batch: PreparedBatch) -> None:
+    """Advantage clipping ``A_i ← clamp(A_i, −c, c)``, ``c = policy_gradient.advantage_clip``
+    (the paper's test-time runs clip at 5.0, arXiv 2601.20802 Table 12; async SDPO clips at 3×
+    a running mean). ``[N]`` → ``[N]``."""
+    c = loss.config.policy_gradient.advantage_clip
+    if c is not None:
+        batch.advantages = batch.advantages.clamp(-c, c)
+
+
+def route_by_correctness(loss: SDPOLoss, rollouts: RolloutBatch, batch: PreparedBatch) -> None:
+    """SRPO's routing (arXiv 2604.02288): only failed rollouts (``r_i < τ``,
+    ``τ = success_reward_threshold``) are distilled; the others — the successes, and failures
+    without a teacher context — get the routed PG term (:func:`sdpo.loss.routed_pg_term`).
+
+        L = w_d · [ Σ_{i∉D} PG_i / norm_pg  +  Σ_{i∈D} Σ_t div_it / N_D ],
+        D = {i : r_i < τ and row i has a teacher context}
+
+    Distilling a correct answer toward a teacher that saw a demonstration is ambiguous (SRPO's
+    first cause of collapse); a PG step on it is not."""
+    sd = loss.config.self_distillation
+    if sd.routing != "correctness":
+        return
+    failed = rollouts.rewards.to(batch.distilled.device) < sd.success_reward_threshold
+    batch.distilled = batch.distilled & failed
+
+
+def pass_rate_weights(loss: SDPOLoss, rollouts: RolloutBatch, batch: PreparedBatch) -> None:
+    """SC-SDPO's per-question weight (arXiv 2605.27765): the distillation term of every row of
+    question ``g`` is multiplied by ``w_g = √(p̂_g (1 − p̂_g))``, ``p̂_g`` = the share of the group's
+    rollouts with ``r ≥ success_reward_threshold``. GRPO's std normalization focuses on
+    medium-difficulty questions implicitly; this gives SDPO the same focus. All-fail and
+    all-success groups get weight 0 (on a task where most groups fail, this removes most of the
+    signal: see docs/method.md). ``[N]`` weights, multiplied into ``batch.distill_weights``."""
+    sd = loss.config.self_distillation
+    if not sd.pass_rate_weighting:
+        return
+    groups = rollouts.group_ids.to(batch.distilled.device)
+    success = (rollouts.rewards.to(groups.device) >= sd.success_reward_threshold).double()
+    n = int(groups.max()) + 1
+    hits = torch.zeros(n, dtype=torch.float64, device=groups.device).index_add_(0, groups, success)
+    size = torch.zeros_like(hits).index_add_(0, groups, torch.ones_like(success))
+    p = hits / size.clamp(min=1.0)
+    w = (p * (1.0 - p)).sqrt()[groups].float()
+    batch.distill_weights = w if batch.distill_weights is None else batch.distill_weights * w
+
+
+# ----- per token (TOKEN_MODIFIERS) ---------------------------------------------------------------
+
+
+def clip_divergence(loss: SDPOLoss, mb: MicroBatch) -> None:
+    """Per-token divergence clipping ``div_t ← min(div_t, c)``, ``c =
+    self_distillation.divergence_clip`` (OPSD's pointwise clip, siyan-zhao/OPSD#24): a token whose
+    divergence is above ``c`` adds ``c`` to the loss and nothing to the gradient, so one token with
+    a huge divergence (a teacher that saw the answer) cannot dominate the step. ``[n]`` → ``[n]``."""
+    c = loss.config.self_distillation.divergence_clip
+    if c is not None and mb.distilled:
+        mb.head["divergence"] = mb.head["divergence"].clamp(max=c)
+
+
+def _token_advantages(mb: MicroBatch) -> Tensor:
+    """``[n]``: each completion token's sequence advantage (or its own, if already per token)."""
+    a = mb.advantages
+    return (a.unsqueeze(-1).expand_as(mb.mask) if a.dim() == 1 else a)[mb.mask]
+
+
+def _log_ratio(mb: MicroBatch) -> Tensor:
+    """``[n]``: ``log q_t − log π_t`` at distilled tokens (detached), 0 elsewhere."""
+    gap = mb.head["teacher_logprobs"] - mb.head["logprobs"].detach()
+    return torch.where(mb.distill_mask, gap, torch.zeros_like(gap))
+
+
+def rlsd_weights(loss: SDPOLoss, mb: MicroBatch) -> None:
+    """RLSD (arXiv 2604.03128): the reward decides the direction, the teacher only the size of
+    each token's step. The PG term's per-token surrogate is multiplied by
+
+        m_t = min(exp(sign(A_i) · (log q_t − log π_t)), c),    c = policy_gradient.rlsd_max_weight
+
+    at tokens with a teacher (``m_t = 1`` elsewhere). ``m_t ≥ 0``, so the step on ``y_t`` always
+    has ``A_i``'s sign: a token copied from the teacher's context into a failed answer is pushed
+    down, never up. In a success, tokens the teacher prefers more than the student get a larger
+    push up; in a failure, tokens the teacher prefers less get a larger push down. (We write the
+    exponent with ``sign(A_i)`` so that both directions move the student toward the teacher.)
+    ``[b, L]`` weights into ``mb.pg_weights``."""
+    c = loss.config.policy_gradient.rlsd_max_weight
+    if c is None or not mb.distilled:
+        return
+    sign = torch.sign(_token_advantages(mb)).to(mb.head["logprobs"].dtype)
+    m = torch.exp(sign * _log_ratio(mb)).clamp(max=c)
+    m = torch.where(mb.distill_mask, m, torch.ones_like(m))
+    w = m.new_zeros(mb.mask.shape).masked_scatter(mb.mask, m)
+    mb.pg_weights = w if mb.pg_weights is None else mb.pg_weights * w
+
+
+def blend_advantages(loss: SDPOLoss, mb: MicroBatch) -> None:
+    """The paper's Eq. 3 (arXiv 2601.20802, §4): the PG term's per-token advantage
+
+        A_it = λ · A_i^GRPO + (1 − λ) · (log q_t − log π_t),     λ = policy_gradient.advantage_blend
+
+    with the SDPO advantage ``log q_t − log π_t`` (Prop. 2.1: the reverse KL's gradient is a PG
+    step with this advantage) at tokens with a teacher and 0 elsewhere. On policy, with
+    ``loss_aggregation=token_mean`` and ``pg_loss_weight = 1``, its gradient equals the loss blend
+    ``λ·L_pg + w_d·L_sd`` with ``distillation_level=token``, ``alpha=1`` and ``w_d = (1 − λ) ·
+    N_distilled / N_tokens`` (``1 − λ`` when every row is distilled): see docs/method.md and
+    ``tests/test_variants.py``. ``[b]`` → ``[b, L]`` advantages."""
+    lam = loss.config.policy_gradient.advantage_blend
+    if lam is None:
+        return
+    a = mb.advantages if mb.advantages.dim() == 2 else mb.advantages.unsqueeze(-1)
+    sdpo = torch.zeros(mb.mask.shape, dtype=mb.head["logprobs"].dtype, device=a.device)
+    if mb.distilled:
+        sdpo = sdpo.masked_scatter(mb.mask, _log_ratio(mb))
+    mb.advantages = lam * a + (1.0 - lam) * sdpo
