@@ -51,6 +51,11 @@ CASES = {
     "length_collapse": stream(10, **{"completions/mean_length": 8.0})
     + stream(30, **{"completions/mean_length": 1.0}),
     "reward_drop": stream(10, reward=0.9) + stream(30, reward=0.2),
+    "copy_rate_rising": stream(10, **{"self_distillation/copy_rate": 0.1})
+    + stream(30, **{"self_distillation/copy_rate": 0.5}),
+    "teacher_stale": stream(10, **{"teacher/age": 3.0}) + stream(30, **{"teacher/age": 250.0}),
+    "teacher_accuracy_drop": stream(10, **{"teacher/probe_accuracy": 0.8})
+    + stream(30, **{"teacher/probe_accuracy": 0.5}),
 }
 
 

@@ -424,6 +424,7 @@ def test_teacher_context_fields():
         "prompt",
         "demonstration_index",
         "used_feedback",
+        "from_memory",
     ]
 
 

@@ -245,6 +245,17 @@ class SelfDistillationConfig:
         "Clip each token's divergence at this value (its gradient is 0 above it); None = off.",
         min_exclusive=0.0,
     )
+    copy_rate_ngram: int = _f(
+        0,
+        "Log self_distillation/copy_rate with word n-grams of this size (3 is a good start); 0 = off.",
+        min=0,
+    )
+    success_memory_steps: int = _f(
+        0,
+        "Success memory: an all-fail group or lone success takes the latest success on the same "
+        "question from the last this-many steps as its demonstration; 0 = off.",
+        min=0,
+    )
     dont_reprompt_on_self_success: bool = _f(
         True, "Never use a completion as its own demonstration."
     )
@@ -391,6 +402,12 @@ class DataConfig:
         "Cut reward feedback longer than this, with a marker (teacher prompt, samples.jsonl).",
         min=1,
     )
+    feedback_leak_guard: str = _f(
+        "redact",
+        "Feedback containing the row's reference answer (a reward declares it as "
+        "info['reference_answer']): redact it (counted as feedback/redacted), refuse (stop), or off.",
+        choices=("redact", "refuse", "off"),
+    )
 
 
 @dataclass
@@ -492,6 +509,19 @@ class HealthConfig:
     reward_drop_z: float = _f(
         5.0,
         "reward_drop also needs the drop to exceed this many standard errors (the step-to-step reward noise, from successive differences, times sqrt(2 / N)).",
+        min=0.0,
+    )
+    copy_rate_rise: float = _f(
+        0.2,
+        "Warn when the N-step mean self_distillation/copy_rate rises more than this above its lowest.",
+        min=0.0,
+    )
+    teacher_max_age: int = _f(
+        200, "Warn when the gated teacher has not refreshed for this many steps.", min=1
+    )
+    teacher_accuracy_drop: float = _f(
+        0.1,
+        "Warn when teacher/probe_accuracy falls more than this below its best.",
         min=0.0,
     )
 

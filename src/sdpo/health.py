@@ -21,7 +21,12 @@
 - ``reward_drop``: the N-step mean reward below its best N-step mean by more than the fraction
   ``reward_drop`` of that best *and* by more than ``reward_drop_z`` standard errors of the
   difference (the step-to-step noise, from successive differences, times sqrt(2 / N)): a
-  relative drop that the noise of small batches does not explain.
+  relative drop that the noise of small batches does not explain;
+- ``copy_rate_rising``: the N-step mean ``self_distillation/copy_rate`` more than ``copy_rate_rise``
+  above its lowest N-step mean (privileged-context leakage; docs/method.md);
+- ``teacher_stale``: the gated teacher's ``teacher/age`` at least ``teacher_max_age`` steps;
+- ``teacher_accuracy_drop``: ``teacher/probe_accuracy`` more than ``teacher_accuracy_drop`` below
+  its best.
 
 Each warning is reported at most once per ``warning_interval`` steps while its condition holds, and
 counted: :attr:`HealthMonitor.counters` (``health/<name>``) go into the logged metrics.
@@ -41,6 +46,9 @@ WARNINGS = (
     "zero_grad_norm",
     "length_collapse",
     "reward_drop",
+    "copy_rate_rising",
+    "teacher_stale",
+    "teacher_accuracy_drop",
 )
 
 
@@ -178,6 +186,8 @@ class HealthMonitor:
             )
         )
 
+        checks.extend(self._variant_checks(metrics))
+
         messages = []
         for name, fired, message in checks:
             if not fired:
@@ -228,6 +238,49 @@ class HealthMonitor:
         if gap <= cfg.reward_drop * best or gap <= cfg.reward_drop_z * se:
             return None
         return gap / best
+
+    def _variant_checks(self, metrics: dict[str, Any]) -> list[tuple[str, bool, Callable[[], str]]]:
+        """Warnings of the method variants (docs/method.md): leakage (copy rate rising), a gated
+        teacher that stopped refreshing, and the teacher's probe accuracy falling."""
+        cfg, n = self.config, self._n
+        copies = self._push("copy", metrics.get("self_distillation/copy_rate"))
+        copy_mean, copy_low = self._rolling("copy", copies, min)
+        age = metrics.get("teacher/age")
+        acc = metrics.get("teacher/probe_accuracy")
+        if isinstance(acc, (int, float)) and acc == acc:
+            self._best["probe"] = max(self._best.get("probe", acc), acc)
+            self._best["probe_last"] = acc
+        acc_best, acc_last = self._best.get("probe"), self._best.get("probe_last")
+        return [
+            (
+                "copy_rate_rising",
+                copy_mean is not None and copy_mean - copy_low > cfg.copy_rate_rise,
+                lambda: (
+                    f"copy rate rising: {copy_mean:.3f} of completion n-grams over the last {n} "
+                    f"steps come from the teacher's demonstration or example turns, up from "
+                    f"{copy_low:.3f}: privileged-context leakage; try "
+                    "self_distillation.routing=correctness or policy_gradient.rlsd_max_weight=2."
+                ),
+            ),
+            (
+                "teacher_stale",
+                isinstance(age, (int, float)) and age >= cfg.teacher_max_age,
+                lambda: (
+                    f"the gated teacher has not refreshed for {age:.0f} steps: the training reward "
+                    "has not risen above its level at the last refresh (a plateau, or the length "
+                    "tail grew); lower self_distillation.gated_min_improvement or the learning rate."
+                ),
+            ),
+            (
+                "teacher_accuracy_drop",
+                acc_best is not None and acc_best - acc_last > cfg.teacher_accuracy_drop,
+                lambda: (
+                    f"teacher accuracy falling: {acc_last:.3f} on the probe set, down from "
+                    f"{acc_best:.3f}; a teacher that gets worse teaches worse: use "
+                    "self_distillation.teacher=gated or frozen, or lower the learning rate."
+                ),
+            ),
+        ]
 
     def _push(self, key: str, value: Any) -> deque[float]:
         history = self._history.setdefault(key, deque(maxlen=self._n))

@@ -24,10 +24,17 @@ question with ``self_distillation.chat_earlier_turns=fold`` (see :func:`teacher_
 
 Completions with neither a demonstration nor usable feedback get no context (``None``); they are
 masked out of the distillation loss.
+
+With ``self_distillation.success_memory_steps = K > 0`` a *success memory* fills the gap for
+all-fail groups and lone successes (whose only success is themselves): the most recent success on
+the same question (same prompt) from an earlier step, at most ``K`` steps old, serves as their
+demonstration (``TeacherContext.from_memory``; counted as ``memory_demonstration_fraction``).
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -35,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sdpo.config import SelfDistillationConfig
+from sdpo.leakage import copy_rate, prompt_parts
 
 Prompt = str | list[dict[str, str]]
 
@@ -54,6 +62,7 @@ class TeacherContext:
     prompt: Prompt
     demonstration_index: int | None
     used_feedback: bool
+    from_memory: bool = False
 
 
 def strip_thinking(text: str) -> str:
@@ -166,6 +175,9 @@ class Reprompter:
         self.tokenizer = tokenizer
         self.rng = random.Random(seed)
         self.last_stats: dict[str, float] = {}
+        # success memory: prompt key -> [build number, completion] of its latest success
+        self.builds = 0
+        self.memory: dict[str, list] = {}
 
     def build(
         self,
@@ -203,12 +215,21 @@ class Reprompter:
         for i, (g, r) in enumerate(zip(group_ids, rewards, strict=True)):
             if r >= cfg.success_reward_threshold:
                 successes.setdefault(g, []).append(i)
+        self.builds += 1
+        limit = cfg.success_memory_steps
+        self.memory = {k: v for k, v in self.memory.items() if self.builds - v[0] <= limit}
 
         contexts: list[TeacherContext | None] = []
-        dropped = truncated = 0
+        dropped = truncated = remembered = 0
+        self._remembered: dict[int, str] = {}  # row -> the remembered success it was shown
         for i in range(n):
             demo_index = self._select(i, successes.get(group_ids[i], []), completions)
             demo = None if demo_index is None else self._demonstration(completions[demo_index])
+            from_memory = False
+            if demo is None and limit > 0 and _key(prompts[i]) in self.memory:
+                self._remembered[i] = self.memory[_key(prompts[i])][1]
+                demo = self._demonstration(self._remembered[i])
+                from_memory = True
             fb = (
                 feedback[i]
                 if cfg.include_environment_feedback and feedback[i] and feedback[i].strip()
@@ -230,12 +251,51 @@ class Reprompter:
                 continue
             prompt, was_truncated = fitted
             truncated += was_truncated
-            contexts.append(TeacherContext(prompt, demo_index, fb is not None))
+            remembered += from_memory
+            contexts.append(TeacherContext(prompt, demo_index, fb is not None, from_memory))
 
+        if limit > 0:  # this step's successes, for later steps (the first per question)
+            for g in sorted(successes):
+                i = successes[g][0]
+                self.memory[_key(prompts[i])] = [self.builds, completions[i]]
         self.last_stats = reprompt_stats(contexts, rewards, group_ids, cfg.success_reward_threshold)
         self.last_stats["dropped_too_long"] = float(dropped)
         self.last_stats["truncated"] = float(truncated)
+        if limit > 0:
+            self.last_stats["memory_demonstration_fraction"] = remembered / n if n else 0.0
+        if cfg.copy_rate_ngram > 0:
+            self.last_stats["copy_rate"] = self._copy_rate(prompts, completions, contexts)
         return contexts
+
+    def _copy_rate(
+        self,
+        prompts: Sequence[Prompt],
+        completions: Sequence[str],
+        contexts: Sequence[TeacherContext | None],
+    ) -> float:
+        """Mean :func:`sdpo.leakage.copy_rate` over the rows that have a privileged source: their
+        demonstration (from the batch or the memory) and the prompt's earlier chat turns."""
+        rates = []
+        for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+            question, turns = prompt_parts(prompt)
+            ctx = contexts[i]
+            sources = list(turns)
+            if ctx is not None and ctx.demonstration_index is not None:
+                sources.append(self._demonstration(completions[ctx.demonstration_index]))
+            elif ctx is not None and ctx.from_memory:
+                sources.append(self._demonstration(self._remembered[i]))
+            rate = copy_rate(completion, sources, question, self.config.copy_rate_ngram)
+            if rate is not None:
+                rates.append(rate)
+        return sum(rates) / len(rates) if rates else 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The success memory (JSON-serializable), for checkpoints."""
+        return {"builds": self.builds, "memory": copy.deepcopy(self.memory)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.builds = int(state["builds"])
+        self.memory = copy.deepcopy(state["memory"])
 
     # ----- demonstration ----------------------------------------------------------------------
 
@@ -332,3 +392,8 @@ class Reprompter:
             else:
                 hi = mid
         return capped(lo), True
+
+
+def _key(prompt: Prompt) -> str:
+    """A question's key in the success memory: the prompt text, or its messages as JSON."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)

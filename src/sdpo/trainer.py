@@ -36,6 +36,7 @@ from sdpo.evaluation import evaluate_policy
 from sdpo.export import model_card, save_pretrained_dir
 from sdpo.generation import GenerationBackend, build_backend
 from sdpo.health import HealthMonitor
+from sdpo.leakage import guard_feedback
 from sdpo.loss import SDPOLoss
 from sdpo.policy_model import PolicyModel, RolloutBatch, completion_id_lists
 from sdpo.progress import Progress
@@ -282,6 +283,11 @@ class SDPOTrainer:
             **log.metric_means(),
             **reward_metrics(self.reward_model, outputs),
         }
+        rollouts.feedback, redacted = guard_feedback(  # a declared reference answer never leaks
+            rollouts.feedback, rollouts.reward_info, data.feedback_leak_guard
+        )
+        if redacted is not None:
+            rollouts.reward_metrics["feedback/redacted"] = float(redacted)
         n = len(rollouts)  # a column logged by several functions keeps the last one's values
         rollouts.reward_extra = {k: v[-n:] for k, v in log.extra.items() if len(v) % n == 0 and v}
 
@@ -538,6 +544,8 @@ class SDPOTrainer:
         }
         if self.teacher.gate is not None:
             state["teacher_gate"] = self.teacher.gate.state_dict()
+        if self.config.self_distillation.success_memory_steps:
+            state["success_memory"] = self.reprompter.state_dict()
         path = self.checkpointer.save(state, self.scheduler)
         self.callbacks.fire("on_save", self)
         return path
@@ -555,6 +563,8 @@ class SDPOTrainer:
         self.first_eval = dict(state.get("first_eval", {}))
         if self.teacher.gate is not None and "teacher_gate" in state:
             self.teacher.gate.load_state_dict(state["teacher_gate"])
+        if "success_memory" in state:
+            self.reprompter.load_state_dict(state["success_memory"])
         self.generator.sync_weights()
         if self.runtime.is_main:
             print(
