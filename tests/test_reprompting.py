@@ -425,6 +425,7 @@ def test_teacher_context_fields():
         "demonstration_index",
         "used_feedback",
         "from_memory",
+        "contrast_prompt",
     ]
 
 

@@ -287,5 +287,59 @@ def test_bad_variant_settings_name_the_key():
     with pytest.raises(ValueError, match="routing"):
         SDPOConfig(self_distillation__routing="correctness",
                    self_distillation__distillation_weight=0.0).validate()  # fmt: skip
+    with pytest.raises(ValueError, match="contrastive_weight.*fsdp"):
+        SDPOConfig(
+            self_distillation__contrastive_weight=1.0, distributed__strategy="fsdp"
+        ).validate()
     with pytest.raises(ValueError, match="advantage_blend"):
         SDPOConfig(policy_gradient__advantage_blend=1.5).validate()
+
+
+# ----- the contrastive teacher ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("saturated", [False, True])
+def test_contrastive_head_matches_float64_reference(saturated):
+    from sdpo.variants import contrastive_head
+
+    g = torch.Generator().manual_seed(11)
+    scale = 20.0 if saturated else 1.0
+    n, h, v, gamma = 6, 5, 9, 0.7
+    ht, hc, hs = (torch.randn(n, h, generator=g, dtype=torch.float64) * scale for _ in range(3))
+    wt, ws = (torch.randn(v, h, generator=g, dtype=torch.float64) for _ in range(2))
+    bt, bs = (torch.randn(v, generator=g, dtype=torch.float64) for _ in range(2))
+    hidden, weight, bias = contrastive_head(ht, wt, bt, hc, hs, ws, bs, gamma)
+    got = (hidden @ weight.T + bias).log_softmax(-1)
+    # q~ ∝ q(x') · (π(x) / q(c))^γ, from three separately normalized distributions
+    log_q, log_c = (ht @ wt.T + bt).log_softmax(-1), (hc @ wt.T + bt).log_softmax(-1)
+    log_pi = (hs @ ws.T + bs).log_softmax(-1)
+    want = (log_q + gamma * (log_pi - log_c)).log_softmax(-1)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_contrastive_teacher_runs_a_question_free_pass_and_changes_the_target(tmp_path):
+    base, base_grads = _step(tmp_path, "base")
+    trainer = make_trainer(
+        tmp_path / "c", reward=one_success_per_group, self_distillation__contrastive_weight=1.0
+    )
+    torch.manual_seed(0)
+    rollouts, contexts = scored_batch(trainer)
+    calls = []
+    hidden = trainer.teacher.hidden
+
+    def counting(ids, *args):
+        calls.append(ids)
+        return hidden(ids, *args)
+
+    trainer.teacher.hidden = counting
+    prepared = trainer.loss.prepare(rollouts, contexts)
+    for i, ctx in enumerate(contexts):
+        if ctx is not None:
+            assert (
+                rollouts.prompts[i] in ctx.prompt and rollouts.prompts[i] not in ctx.contrast_prompt
+            )
+            assert ctx.contrast_prompt == ctx.prompt.replace(rollouts.prompts[i], "", 1)
+    trainer.policy.model.zero_grad(set_to_none=True)
+    metrics = trainer.loss.metrics(trainer.loss.backward(rollouts, prepared), prepared.counts)
+    assert len(calls) == 2  # one micro-batch: the teacher pass and the question-free pass
+    assert metrics["loss"] != base["loss"] and torch.isfinite(torch.tensor(metrics["loss"]))

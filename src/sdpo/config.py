@@ -245,6 +245,12 @@ class SelfDistillationConfig:
         "Clip each token's divergence at this value (its gradient is 0 above it); None = off.",
         min_exclusive=0.0,
     )
+    contrastive_weight: float = _f(
+        0.0,
+        "Contrastive teacher (Purified OPSD, arXiv 2607.02234): target q(x') (pi(x) / q(c))^gamma, c = "
+        "the teacher context without the question; gamma = this, 0 = off (a second teacher pass).",
+        min=0.0,
+    )
     copy_rate_ngram: int = _f(
         0,
         "Log self_distillation/copy_rate with word n-grams of this size (3 is a good start); 0 = off.",
@@ -811,6 +817,12 @@ class SDPOConfig:
                 "self_distillation.divergence_clip clips a divergence, which the sampled-token "
                 "estimator (distillation_level = 'token') does not compute; use "
                 "distillation_level=logit or divergence_clip=null."
+            )
+        if sd.contrastive_weight > 0 and self.distributed.strategy == "fsdp":
+            raise ValueError(
+                "self_distillation.contrastive_weight > 0 is not supported with "
+                "distributed.strategy=fsdp yet (its second teacher pass is not run in lockstep); "
+                "use ddp or contrastive_weight=0."
             )
         if sd.routing != "none" and sd.distillation_weight == 0:
             raise ValueError(

@@ -51,6 +51,7 @@ from sdpo.variants import (
     blend_advantages,
     clip_advantages,
     clip_divergence,
+    contrastive_head,
     needs_teacher,
     pass_rate_weights,
     rlsd_weights,
@@ -71,6 +72,8 @@ class PreparedBatch:
         old_logprobs: ``[N, L]`` float32 log-probs under the weights that sampled (only when a
             batch is reused, ``optimization.updates_per_batch > 1``), else ``None``.
         distill_weights: ``[N]`` per-sequence weight of the distillation term, or ``None`` (= 1).
+        contrast_prompts: row index → the teacher prompt without the question (the contrastive
+            teacher's second pass, ``self_distillation.contrastive_weight > 0``), else empty.
     """
 
     advantages: Tensor
@@ -79,6 +82,7 @@ class PreparedBatch:
     counts: dict[str, float] = field(default_factory=dict)
     old_logprobs: Tensor | None = None
     distill_weights: Tensor | None = None
+    contrast_prompts: dict[int, list[int]] = field(default_factory=dict)
 
     def __getitem__(self, key: str) -> Any:
         """``prepared["counts"]``: the dict-style access of code written before this class."""
@@ -216,6 +220,11 @@ class SDPOLoss:
             for i, c in enumerate(contexts)
             if c is not None and bool(batch.distilled[i])
         }
+        if self.config.self_distillation.contrastive_weight > 0:
+            batch.contrast_prompts = {
+                i: self.policy.encode_prompt(contexts[i].contrast_prompt)
+                for i in batch.teacher_prompts
+            }
         mask = rollouts.completion_mask
         batch.counts = self.runtime.all_reduce(  # over every rank: the global batch's counts
             {
@@ -310,6 +319,10 @@ class SDPOLoss:
         teacher_hidden, teacher_weight, teacher_bias, distill_mask = self.teacher_pass(
             rollouts, idx, batch, mask
         )
+        if teacher_hidden is not None and batch.contrast_prompts:
+            teacher_hidden, teacher_weight, teacher_bias = self.contrast(
+                rollouts, idx, batch, hidden, teacher_hidden, teacher_weight, teacher_bias
+            )
         head = self.policy.lm_head
         terms = policy_terms(
             hidden[mask],
@@ -390,6 +403,37 @@ class SDPOLoss:
         teacher_hidden[sub] = t_hidden
         distill_mask[sub] = mask[sub]
         return teacher_hidden, weight, bias, distill_mask
+
+    @torch.no_grad()
+    def contrast(
+        self,
+        rollouts: RolloutBatch,
+        idx: Tensor,
+        batch: PreparedBatch,
+        hidden: Tensor,
+        teacher_hidden: Tensor,
+        teacher_weight: Tensor,
+        teacher_bias: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The contrastive teacher (:func:`sdpo.variants.contrastive_head`): a second teacher pass
+        on the context without the question, folded with the student's own (detached) logits into
+        one LM head, so the divergence kernel sees ``z̃ = z_q(x') + γ (z_π(x) − z_q(c))``."""
+        rows = [j for j, i in enumerate(idx.tolist()) if i in batch.contrast_prompts]
+        sub = torch.tensor(rows, device=hidden.device)
+        c_ids, c_mask = self.policy.pad_left([batch.contrast_prompts[int(idx[j])] for j in rows])
+        comp_ids, comp_mask = rollouts.completion_ids[idx], rollouts.completion_mask[idx]
+        c_hidden, _, _ = self.teacher.hidden(c_ids, c_mask, comp_ids[sub], comp_mask[sub])
+        contrast_hidden = torch.zeros(
+            *teacher_hidden.shape[:-1], c_hidden.shape[-1], dtype=c_hidden.dtype,
+            device=c_hidden.device,
+        )  # fmt: skip
+        contrast_hidden[sub] = c_hidden
+        head = self.policy.lm_head
+        return contrastive_head(
+            teacher_hidden, teacher_weight, teacher_bias, contrast_hidden, hidden.detach(),
+            head.weight.detach(), None if head.bias is None else head.bias.detach(),
+            self.config.self_distillation.contrastive_weight,
+        )  # fmt: skip
 
     @torch.no_grad()
     def reference_logprobs(self, mb: MicroBatch) -> Tensor:

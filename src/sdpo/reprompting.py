@@ -63,6 +63,7 @@ class TeacherContext:
     demonstration_index: int | None
     used_feedback: bool
     from_memory: bool = False
+    contrast_prompt: Prompt | None = None
 
 
 def strip_thinking(text: str) -> str:
@@ -252,7 +253,13 @@ class Reprompter:
             prompt, was_truncated = fitted
             truncated += was_truncated
             remembered += from_memory
-            contexts.append(TeacherContext(prompt, demo_index, fb is not None, from_memory))
+            contrast = None
+            if cfg.contrastive_weight > 0:  # the same context without the question
+                contrast = self._fit(_without_question(prompts[i]), demo, fb)
+                contrast = None if contrast is None else contrast[0]
+            contexts.append(
+                TeacherContext(prompt, demo_index, fb is not None, from_memory, contrast)
+            )
 
         if limit > 0:  # this step's successes, for later steps (the first per question)
             for g in sorted(successes):
@@ -397,3 +404,14 @@ class Reprompter:
 def _key(prompt: Prompt) -> str:
     """A question's key in the success memory: the prompt text, or its messages as JSON."""
     return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+
+
+def _without_question(prompt: Prompt) -> Prompt:
+    """The prompt with its question removed (chat: the last user message emptied)."""
+    if isinstance(prompt, str):
+        return ""
+    messages = copy.deepcopy(list(prompt))
+    users = [k for k, m in enumerate(messages) if m.get("role") == "user"]
+    if users:
+        messages[users[-1]]["content"] = ""
+    return messages

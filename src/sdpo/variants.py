@@ -148,3 +148,46 @@ def blend_advantages(loss: SDPOLoss, mb: MicroBatch) -> None:
     if mb.distilled:
         sdpo = sdpo.masked_scatter(mb.mask, _log_ratio(mb))
     mb.advantages = lam * a + (1.0 - lam) * sdpo
+
+
+# ----- the contrastive teacher (a teacher head, not a modifier) -----------------------------------
+
+
+def contrastive_head(
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    teacher_bias: Tensor | None,
+    contrast_hidden: Tensor,
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    student_bias: Tensor | None,
+    gamma: float,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The contrastive teacher's target as one LM head (``[..., H_t]``, ``[V, H_t]`` → ``[...,
+    2H_t + H]``, ``[V, 2H_t + H]``): its logits are
+
+        z̃ = z_q(· | x') + γ · (z_π(· | x) − z_q(· | c)),     γ = self_distillation.contrastive_weight
+
+    with ``x'`` the teacher context, ``c`` the same context without the question, and ``x`` the
+    student's prompt; after the softmax, ``q̃ ∝ q(·|x') · (π(·|x) / q(·|c))^γ``. At ``γ = 1`` this
+    is Purified OPSD's target (arXiv 2607.02234; RLCSD, arXiv 2606.11709, contrasts with a wrong
+    context instead): what the teacher learns from the demonstration *without* the question — the
+    worked example's names and surface — is divided out (``q(·|c)``), and the student's own
+    distribution takes its place, so only the question-specific gain ``q(·|x') / q(·|c)`` is
+    distilled. We use the question-free context because it needs no second question and isolates
+    exactly the tokens "the context alone explains". Cost: one more teacher forward per distilled
+    row (no backward), and an LM head ``2H_t + H`` wide in the divergence kernel.
+
+    The fold is the trust-region teacher's: ``[h_t, −γ h_c, γ h_s] · [W_t, W_t, W_s]ᵀ``.
+    """
+    hidden = torch.cat(
+        [teacher_hidden, -gamma * contrast_hidden, gamma * student_hidden.to(teacher_hidden.dtype)],
+        dim=-1,
+    )
+    weight = torch.cat([teacher_weight, teacher_weight, student_weight.to(teacher_weight.dtype)], 1)
+    bias = None
+    if teacher_bias is not None or student_bias is not None:
+        tb = 0.0 if teacher_bias is None else teacher_bias
+        sb = 0.0 if student_bias is None else student_bias
+        bias = (1.0 - gamma) * tb + gamma * sb
+    return hidden, weight, bias
