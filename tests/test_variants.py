@@ -93,7 +93,7 @@ def _library(case: dict, **overrides) -> tuple[float, torch.Tensor]:
             if out is not None:
                 total = total + term.weight(config) * out[0]
     total.backward()
-    return float(total), zs.grad
+    return float(total.detach()), zs.grad
 
 
 # ----- the float64 references (no sdpo code) ----------------------------------------------------
@@ -145,7 +145,7 @@ def _reference(case: dict, variant: str, **p) -> tuple[float, torch.Tensor]:
     else:
         total = pg_w * pg + distill
     total.backward()
-    return float(total), zs.grad
+    return float(total.detach()), zs.grad
 
 
 VARIANTS = [
@@ -343,3 +343,32 @@ def test_contrastive_teacher_runs_a_question_free_pass_and_changes_the_target(tm
     metrics = trainer.loss.metrics(trainer.loss.backward(rollouts, prepared), prepared.counts)
     assert len(calls) == 2  # one micro-batch: the teacher pass and the question-free pass
     assert metrics["loss"] != base["loss"] and torch.isfinite(torch.tensor(metrics["loss"]))
+
+
+def test_every_variant_at_once_trains_two_steps_and_logs_its_metrics(tmp_path):
+    import json
+
+    trainer = make_trainer(
+        tmp_path / "run",
+        reward=one_success_per_group,
+        self_distillation__teacher="gated",
+        self_distillation__gated_window=1,
+        self_distillation__routing="correctness",
+        self_distillation__pass_rate_weighting=True,
+        self_distillation__divergence_clip=5.0,
+        self_distillation__contrastive_weight=0.5,
+        self_distillation__success_memory_steps=3,
+        self_distillation__copy_rate_ngram=2,
+        policy_gradient__advantage_clip=5.0,
+        policy_gradient__rlsd_max_weight=2.0,
+        policy_gradient__advantage_blend=0.9,
+    )
+    trainer.train()
+    logged = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    steps = [r for r in logged if "loss" in r]
+    assert len(steps) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    for key in ("teacher/refreshes", "teacher/age", "routing/policy_loss",
+                "self_distillation/copy_rate", "self_distillation/memory_demonstration_fraction"):  # fmt: skip
+        assert all(key in r for r in steps), key
