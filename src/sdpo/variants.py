@@ -11,15 +11,18 @@ probability of the sampled token, ``p̂_g`` the success rate of question ``g``'s
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # the loss module imports this one
-    from sdpo.config import SDPOConfig
-    from sdpo.loss import MicroBatch, PreparedBatch, SDPOLoss
-    from sdpo.policy_model import RolloutBatch
+from sdpo.config import SDPOConfig
+from sdpo.policy_model import RolloutBatch
+
+# sdpo.loss imports this module, so its classes are not imported here (no import cycle):
+SDPOLoss = Any  # sdpo.loss.SDPOLoss: .config
+PreparedBatch = Any  # sdpo.loss.PreparedBatch: advantages, distilled, distill_weights
+MicroBatch = Any  # sdpo.loss.MicroBatch: head, mask, advantages, distill_mask, pg_weights, ...
 
 
 def needs_teacher(config: SDPOConfig) -> bool:
