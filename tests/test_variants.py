@@ -372,3 +372,24 @@ def test_every_variant_at_once_trains_two_steps_and_logs_its_metrics(tmp_path):
     for key in ("teacher/refreshes", "teacher/age", "routing/policy_loss",
                 "self_distillation/copy_rate", "self_distillation/memory_demonstration_fraction"):  # fmt: skip
         assert all(key in r for r in steps), key
+
+
+def test_routing_and_question_weights_follow_the_runs_success_rule():
+    """With several reward functions the trainer judges success by ``success_scores``, not the
+    weighted reward: routing and SC-SDPO must use the same rule."""
+    from sdpo.variants import pass_rate_weights, route_by_correctness
+
+    config = SDPOConfig(
+        self_distillation__routing="correctness", self_distillation__pass_rate_weighting=True
+    ).validate()
+    loss = SimpleNamespace(config=config)
+    rollouts = SimpleNamespace(
+        rewards=torch.ones(4),  # every weighted reward passes the threshold...
+        success_scores=[1.0, 0.0, 0.0, 0.0],  # ...but the success rule passes one row
+        group_ids=torch.zeros(4, dtype=torch.long),
+    )
+    batch = PreparedBatch(advantages=torch.zeros(4), distilled=torch.ones(4, dtype=torch.bool))
+    route_by_correctness(loss, rollouts, batch)
+    pass_rate_weights(loss, rollouts, batch)
+    assert batch.distilled.tolist() == [False, True, True, True]
+    torch.testing.assert_close(batch.distill_weights, torch.full((4,), (0.25 * 0.75) ** 0.5))

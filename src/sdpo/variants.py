@@ -39,6 +39,15 @@ def needs_teacher(config: SDPOConfig) -> bool:
 # ----- per sequence (BATCH_MODIFIERS) ------------------------------------------------------------
 
 
+def _successes(rollouts: RolloutBatch, threshold: float, device: torch.device) -> Tensor:
+    """``[N]`` bool: the rows the run counts as successes (``success_scores`` — the success rule
+    of several reward functions — when the trainer set them, else the rewards) ``≥ threshold``."""
+    scores = getattr(rollouts, "success_scores", None)
+    if scores is None or len(scores) == 0:
+        scores = rollouts.rewards
+    return torch.as_tensor(scores, dtype=torch.float32).to(device) >= threshold
+
+
 def clip_advantages(loss: SDPOLoss, rollouts: RolloutBatch, batch: PreparedBatch) -> None:
     """Advantage clipping ``A_i ← clamp(A_i, −c, c)``, ``c = policy_gradient.advantage_clip``
     (the paper's test-time runs clip at 5.0, arXiv 2601.20802 Table 12; async SDPO clips at 3×
@@ -61,7 +70,7 @@ def route_by_correctness(loss: SDPOLoss, rollouts: RolloutBatch, batch: Prepared
     sd = loss.config.self_distillation
     if sd.routing != "correctness":
         return
-    failed = rollouts.rewards.to(batch.distilled.device) < sd.success_reward_threshold
+    failed = ~_successes(rollouts, sd.success_reward_threshold, batch.distilled.device)
     batch.distilled = batch.distilled & failed
 
 
@@ -76,7 +85,7 @@ def pass_rate_weights(loss: SDPOLoss, rollouts: RolloutBatch, batch: PreparedBat
     if not sd.pass_rate_weighting:
         return
     groups = rollouts.group_ids.to(batch.distilled.device)
-    success = (rollouts.rewards.to(groups.device) >= sd.success_reward_threshold).double()
+    success = _successes(rollouts, sd.success_reward_threshold, groups.device).double()
     n = int(groups.max()) + 1
     hits = torch.zeros(n, dtype=torch.float64, device=groups.device).index_add_(0, groups, success)
     size = torch.zeros_like(hits).index_add_(0, groups, torch.ones_like(success))
