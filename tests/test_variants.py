@@ -129,7 +129,11 @@ def _reference(case: dict, variant: str, **p) -> tuple[float, torch.Tensor]:
     w = torch.ones(B, dtype=torch.float64)
     if variant == "pass_rate":
         w = (p_hat * (1 - p_hat)).sqrt()
-    distill = (div * rows * w.unsqueeze(-1)).sum() / n_d
+    gate = torch.ones_like(kl)
+    if variant == "entropy_gate":
+        entropy = -(log_s.exp() * log_s).sum(-1)
+        gate = (entropy <= p["h"]).double()
+    distill = (div * rows * gate * w.unsqueeze(-1)).sum() / n_d
     adv = a.unsqueeze(-1).expand(B, L)
     if variant == "rlsd":
         mag = torch.exp(torch.sign(adv) * (lq - lp.detach())).clamp(max=p["c"])
@@ -152,6 +156,7 @@ VARIANTS = [
     ("advantage_clip", {"policy_gradient__advantage_clip": 0.5}, {"c": 0.5}),
     ("divergence_clip", {"self_distillation__divergence_clip": 0.3}, {"c": 0.3}),
     ("pass_rate", {"self_distillation__pass_rate_weighting": True}, {}),
+    ("entropy_gate", {"self_distillation__entropy_gate": 0.5}, {"h": 0.5}),
     (
         "routing",
         {
@@ -215,6 +220,7 @@ def _step(tmp_path, name, **overrides):
 NEUTRAL = [
     {"policy_gradient__advantage_clip": 1e30},
     {"self_distillation__divergence_clip": 1e30},
+    {"self_distillation__entropy_gate": 1e30},
     {"policy_gradient__advantage_blend": 1.0},
 ]
 

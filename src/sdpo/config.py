@@ -245,6 +245,12 @@ class SelfDistillationConfig:
         "Clip each token's divergence at this value (its gradient is 0 above it); None = off.",
         min_exclusive=0.0,
     )
+    entropy_gate: float | None = _f(
+        None,
+        "Entropy gating: no distillation at tokens where the student's entropy exceeds this "
+        "(nats; its forks); None = off.",
+        min=0.0,
+    )
     contrastive_weight: float = _f(
         0.0,
         "Contrastive teacher (Purified OPSD, arXiv 2607.02234): target q(x') (pi(x) / q(c))^gamma, c = "

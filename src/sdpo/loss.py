@@ -52,6 +52,7 @@ from sdpo.variants import (
     clip_advantages,
     clip_divergence,
     contrastive_head,
+    entropy_gate,
     needs_teacher,
     pass_rate_weights,
     rlsd_weights,
@@ -588,6 +589,7 @@ BATCH_MODIFIERS: list[Callable[[SDPOLoss, RolloutBatch, PreparedBatch], None]] =
 # (loss, mb) -> None: edit pg_weights / distill_weights / distill_mask of a micro-batch.
 TOKEN_MODIFIERS: list[Callable[[SDPOLoss, MicroBatch], None]] = [
     clip_divergence,
+    entropy_gate,
     rlsd_weights,
     blend_advantages,
 ]

@@ -107,6 +107,24 @@ def clip_divergence(loss: SDPOLoss, mb: MicroBatch) -> None:
         mb.head["divergence"] = mb.head["divergence"].clamp(max=c)
 
 
+def entropy_gate(loss: SDPOLoss, mb: MicroBatch) -> None:
+    """Entropy gating: no distillation at the student's forks,
+
+        w_t ← w_t · 1[H_t ≤ h],     H_t = −Σ_v π(v|x, y_<t) log π(v|x, y_<t),  h = self_distillation.entropy_gate
+
+    (gated tokens still count in ``N_D``). At a fork (high student entropy) a teacher that saw the
+    demonstration or the answer is confident for reasons only its context explains, and
+    distilling there removes the student's exploration: Kaur et al. (arXiv 2607.05184) trace
+    self-distillation's losses to lower fork rates at high-entropy positions, Kim et al.
+    (2603.24472) to suppressed epistemic tokens; SRPO (2604.02288) and Anti-SD (2605.11609) gate on
+    entropy / over-confidence. ``[n]`` weights into ``mb.distill_weights``."""
+    h = loss.config.self_distillation.entropy_gate
+    if h is None or not mb.distilled:
+        return
+    keep = (mb.head["entropy"] <= h).to(mb.head["divergence"].dtype)
+    mb.distill_weights = keep if mb.distill_weights is None else mb.distill_weights * keep
+
+
 def _token_advantages(mb: MicroBatch) -> Tensor:
     """``[n]``: each completion token's sequence advantage (or its own, if already per token)."""
     a = mb.advantages
