@@ -3,8 +3,8 @@
     python scripts/config_reference.py           # rewrite the page
     python scripts/config_reference.py --check   # exit 1 when the committed page is stale
 
-The page is generated so it cannot drift from ``sdpo.config``: `tests/test_docs.py` and `make docs`
-fail when it differs from what this script writes, and when a key has no doc.
+The page is generated so it cannot drift from ``sdpo.config``: `tests/test_docs.py` fails when it
+differs from what this script writes, and when a key has no doc.
 """
 
 from __future__ import annotations
