@@ -99,11 +99,20 @@ def test_docs_name_only_config_keys_that_exist(page):
 _README_BLOCKS = set(re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S))
 
 
+# A block that cannot run here (it needs the hub, a GPU, a launcher) says so on the line before it:
+# <!-- not run: needs a model from the hub -->
+_BLOCK = re.compile(r"(<!-- not run: ([^>]*?) -->\n)?```python\n(.*?)```", flags=re.S)
+
+
 def _blocks(page: Path) -> list[str]:
-    """A page's Python blocks, less those copied from README.md (test_readme runs them: one
-    training run of the API example instead of two). A page's blocks must not depend on them."""
-    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
-    return [b for b in blocks if b not in _README_BLOCKS]
+    """A page's runnable Python blocks: not those marked ``not run``, nor those copied from
+    README.md (test_readme runs them: one training run of the API example instead of two)."""
+    blocks = []
+    for marker, reason, block in _BLOCK.findall(page.read_text()):
+        assert not marker or reason.strip(), f"{page.name}: say why a block is not run"
+        if not marker and block not in _README_BLOCKS:
+            blocks.append(block)
+    return blocks
 
 
 def _snippet_pages() -> list[Path]:
