@@ -172,3 +172,17 @@ def test_user_docs_do_not_talk_about_the_build_environment(page):
     text = page.read_text().lower()
     for phrase in ("was lent", "2-core box", "this box", "no gpu was"):
         assert phrase not in text, f"{page.relative_to(ROOT)}: {phrase!r}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_lists_and_tables_start_after_a_blank_line(page):
+    """GitHub renders a list or table glued to the paragraph above it; Python-Markdown (mkdocs)
+    prints it as text, so a README section moved here would silently lose its list."""
+    lines, fenced = page.read_text().split("\n"), False
+    for i, line in enumerate(lines[1:], start=1):
+        fenced ^= line.startswith("```")
+        before = lines[i - 1]
+        if fenced or not before.strip() or before.startswith(("|", "<!--", " ", "- ")):
+            continue
+        starts_block = re.match(r"(- |\d+\. |\|)", line)
+        assert not starts_block, f"{page.name}:{i + 1}: add a blank line before {line[:40]!r}"
