@@ -186,3 +186,17 @@ def test_lists_and_tables_start_after_a_blank_line(page):
             continue
         starts_block = re.match(r"(- |\d+\. |\|)", line)
         assert not starts_block, f"{page.name}:{i + 1}: add a blank line before {line[:40]!r}"
+
+
+def test_docstring_roles_render_as_code():
+    spec = importlib.util.spec_from_file_location("hooks", ROOT / "scripts" / "mkdocs_hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    html = (
+        "see :func:<code>policy_terms</code> and "
+        ":class:<code>~sdpo.generation.GenerationBackend</code>; :meth:<code>a.b</code>"
+    )
+    assert hooks.on_page_content(html) == (
+        "see <code>policy_terms</code> and <code>GenerationBackend</code>; <code>a.b</code>"
+    )
+    assert "hooks.py" in (ROOT / "mkdocs.yml").read_text()
