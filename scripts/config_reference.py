@@ -107,7 +107,11 @@ def render() -> str:
         "|---|---|",
     ]
     for name, overrides in PRESETS.items():
-        shown = ", ".join(f"`{k}={v}`" for k, v in overrides.items()) or "none (the defaults)"
+        # repr for strings: a template's newlines must not break the table row
+        shown = ", ".join(
+            f"`{k}={v!r}`" if isinstance(v, str) else f"`{k}={v}`" for k, v in overrides.items()
+        )
+        shown = shown or "none (the defaults)"
         out.append(f"| `{name}` | {shown} |")
     return "\n".join(out) + "\n"
 
