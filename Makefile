@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sdpo-installed
 
-.PHONY: setup test test-slow test-vllm lint format quickstart bench study
+.PHONY: setup test test-slow test-vllm lint format quickstart bench study docs
 
 setup: $(STAMP)
 
@@ -57,3 +57,16 @@ bench: setup
 
 study: setup
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) scripts/study.py
+
+# The documentation site (mkdocs-material + mkdocstrings) into site/. --strict: a broken link or
+# anchor, a page missing from the nav or a docstring mkdocstrings cannot render fails the build.
+# A stale docs/configuration-reference.md fails tests/test_docs.py (`make test`); regenerate it with
+# `python scripts/config_reference.py` (not here: importing sdpo would double the build's time).
+DOCS_STAMP := $(VENV)/.sdpo-docs-installed
+
+$(DOCS_STAMP): $(STAMP) pyproject.toml constraints.txt
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,docs]'
+	@touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site

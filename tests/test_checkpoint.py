@@ -288,8 +288,8 @@ def test_resume_from_a_checkpoint_continues_in_its_run_directory(run_copy, tmp_p
     assert not list((run_copy / "checkpoint-000001").glob("checkpoint-*"))
 
 
-def test_readme_lists_the_keys_a_resume_may_change():
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+def test_docs_list_the_keys_a_resume_may_change():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
     section = text.split("What may change on resume")[1].split("- **Checkpoints**")[0]
     for key in SDPOConfig.resumable_keys():
         assert f"`{key}`" in section, key
