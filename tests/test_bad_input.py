@@ -59,6 +59,7 @@ class Fixed(RewardModel):
     [
         (math.nan, "score nan, which is not a finite float32"),
         ("high", "returned 'high' as the score of row 1"),
+        ("0.5", "returned '0.5' as the score of row 1"),  # a string is refused, even a numeric one
         (1e39, "score 1e\\+39, which is not a finite float32"),
     ],
 )
@@ -129,6 +130,16 @@ def test_a_row_missing_the_rewards_column_is_named_not_scored_against_none(tmp_p
     del rows[3]["answer"]
     with pytest.raises(ValueError, match="Row 3 has no 'answer' column"):
         make_trainer(tmp_path, reward=VerifiableRewardModel(mode="exact"), rows=rows)
+
+
+def test_row_0_missing_a_column_that_later_rows_have_is_named_at_load(tmp_path):
+    rows = [{"prompt": "Q: 1+1="}] + [{"prompt": "Q: 2+2=", "answer": "4"}] * 3
+    with pytest.raises(ValueError, match="Row 0 has no 'answer' column, which row 1 has"):
+        load_rows(rows)
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"Row 0 \(.*rows.jsonl:1\) has no 'answer' column"):
+        load_rows(path)
 
 
 @pytest.mark.parametrize(

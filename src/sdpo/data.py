@@ -79,14 +79,20 @@ def check_row(row: Any, index: int, where: str | None = None) -> None:
 
 
 def check_columns(rows: list[dict[str, Any]], where: list[str] | None = None) -> None:
-    """Every row has the columns of row 0 (a missing answer would reach the reward as None)."""
-    columns = rows[0].keys()
+    """Every row has the same columns (a missing answer would reach the reward as None): each
+    column's first row is compared with every row, so row 0 lacking a later row's column is
+    named too."""
+    first: dict[str, int] = {}
     for i, row in enumerate(rows):
-        missing = [c for c in columns if c not in row]
+        for column in row:
+            first.setdefault(column, i)
+    for i, row in enumerate(rows):
+        missing = [c for c in first if c not in row]
         if missing:
             place = f" ({where[i]})" if where else ""
             raise ValueError(
-                f"Row {i}{place} has no {missing[0]!r} column, which row 0 has; every row needs the same columns."
+                f"Row {i}{place} has no {missing[0]!r} column, which row {first[missing[0]]} has; "
+                "every row needs the same columns."
             )
 
 

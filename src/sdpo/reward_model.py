@@ -219,6 +219,8 @@ def checked_scores(outputs: Sequence[Any], prompts: Sequence[Any], name: str) ->
     scores = []
     for i, out in enumerate(outputs):
         try:
+            if isinstance(out.score, (str, bytes)):  # float("0.5") would pass a typo'd return
+                raise TypeError
             scores.append(float(out.score))
         except (TypeError, ValueError, AttributeError):
             raise RewardFunctionError(
