@@ -130,3 +130,58 @@ def test_eager_and_sdpa_attention_give_the_same_loss(tmp_path):
         sums = trainer.loss.backward(rollouts, prepared)
         losses.append(trainer.loss.metrics(sums, prepared.counts)["loss"])
     assert losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-6)
+
+
+# ----- model.dtype=auto: the choice by device and CPU capability -------------------------------
+
+
+def _cpu_bf16(monkeypatch, avx512_bf16: bool, amx: bool) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+
+
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "want"),
+    [
+        (False, False, torch.float32),
+        (True, False, torch.bfloat16),
+        (False, True, torch.bfloat16),
+        (True, True, torch.bfloat16),
+    ],
+)
+def test_auto_dtype_on_cpu_follows_native_bf16(monkeypatch, avx512_bf16, amx, want):
+    from sdpo.distributed import auto_precision, compute_dtype, precision_note
+
+    _cpu_bf16(monkeypatch, avx512_bf16, amx)
+    cpu = torch.device("cpu")
+    dtype, reason = auto_precision(cpu)
+    assert dtype == want
+    assert compute_dtype("auto", cpu) == want and compute_dtype(None, cpu) == want
+    assert ("without native" in reason) == (want == torch.float32)
+    note = precision_note("auto", cpu)
+    assert note.startswith(f"model.dtype=auto -> {str(want).removeprefix('torch.')} (")
+    # An explicit choice is kept whatever the CPU has; bf16 without hardware support is flagged.
+    assert compute_dtype("float32", cpu) == torch.float32
+    assert compute_dtype("bfloat16", cpu) == torch.bfloat16
+    assert ("expect it slower" in precision_note("bfloat16", cpu)) == (want == torch.float32)
+
+
+def test_auto_dtype_is_bf16_on_cuda_whatever_the_cpu(monkeypatch):
+    from sdpo.distributed import auto_precision
+
+    _cpu_bf16(monkeypatch, False, False)
+    assert auto_precision(torch.device("cuda")) == (torch.bfloat16, "CUDA device")
+
+
+def test_auto_dtype_choice_runs_printed_and_kept_in_the_run_config(tmp_path, monkeypatch, capsys):
+    _cpu_bf16(monkeypatch, True, False)  # as on a CPU with AVX512-BF16
+    trainer = _trainer(tmp_path, dtype="auto", run__max_steps=1)
+    assert trainer.runtime.compute_dtype == torch.bfloat16
+    assert next(trainer.policy.model.parameters()).dtype == torch.float32  # master weights
+    trainer.train()
+    err = capsys.readouterr().err
+    assert "precision: model.dtype=auto -> bfloat16 (CPU with native bfloat16" in err
+    text = (tmp_path / "run" / "config.yaml").read_text()
+    assert text.startswith("# precision: model.dtype=auto -> bfloat16 (CPU with native")
+    saved = SDPOConfig.from_yaml(tmp_path / "run" / "config.yaml")
+    assert saved.model.dtype == "auto"  # a resume on another machine decides again

@@ -83,7 +83,8 @@ class ModelConfig:
 
     dtype: str = _f(
         "auto",
-        "Compute dtype: forward/backward run under autocast in it; auto = bfloat16 on CUDA, float32 on CPU.",
+        "Compute dtype: forward/backward run under autocast in it; auto = bfloat16 on CUDA and on "
+        "CPUs with native bf16 (AVX512-BF16/AMX), float32 elsewhere (printed at start).",
         choices=("auto", "float32", "float16", "bfloat16"),
     )
     param_dtype: str = _f(
@@ -859,9 +860,11 @@ class SDPOConfig:
             )
         return cls(**{k.replace(".", "__"): v for k, v in data.items()})
 
-    def to_yaml(self, path: str | Path) -> None:
-        """Write the config as YAML, atomically (the old file stays whole if the write fails)."""
-        write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+    def to_yaml(self, path: str | Path, comment: str | None = None) -> None:
+        """Write the config as YAML, atomically (the old file stays whole if the write fails);
+        ``comment`` lines go first as ``# ...`` (what the run resolved, e.g. model.dtype=auto)."""
+        head = "".join(f"# {line}\n" for line in comment.splitlines()) if comment else ""
+        write_text_atomic(path, head + yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def diff(self, other: SDPOConfig) -> dict[str, tuple[Any, Any]]:
         """``{dotted key: (self's value, other's value)}`` for every key where the two differ."""

@@ -84,7 +84,8 @@ class RunLog:
         self.run_dir.path.mkdir(parents=True, exist_ok=True)
         self.run_dir.append_jsonl(name, record)
 
-    def config_file(self) -> None:
-        """``config.yaml``: the run's full config (written when training starts)."""
+    def config_file(self, comment: str | None = None) -> None:
+        """``config.yaml``: the run's full config (written when training starts); ``comment``
+        lines go first as ``# ...`` (what the run resolved, e.g. model.dtype=auto's choice)."""
         if self.run_dir.main:
-            self.config.to_yaml(self.run_dir.path / "config.yaml")
+            self.config.to_yaml(self.run_dir.path / "config.yaml", comment=comment)

@@ -31,7 +31,7 @@ from sdpo.checkpoint import is_checkpoint
 from sdpo.checkpointer import Checkpointer
 from sdpo.config import SDPOConfig
 from sdpo.data import PromptSource, load_rows
-from sdpo.distributed import Runtime, build_optimizer
+from sdpo.distributed import Runtime, build_optimizer, precision_note
 from sdpo.evaluation import evaluate_policy
 from sdpo.export import model_card, save_pretrained_dir
 from sdpo.generation import GenerationBackend, build_backend
@@ -440,7 +440,10 @@ class SDPOTrainer:
             self.config.run.resume_from = str(where)
             self.load_checkpoint(where)
         with self._run.held():
-            self.log.config_file()
+            note = "precision: " + precision_note(self.config.model.dtype, self.runtime.device)
+            if self.runtime.is_main:
+                print(f"sdpo: {note}", file=sys.stderr)
+            self.log.config_file(comment=note)
             self.log.start()
             self.callbacks.fire("on_train_begin", self)
             with self._stop.listening():  # the step-0 evaluation too: it may take long
