@@ -407,6 +407,11 @@ def sample(
     """
     from transformers import DynamicCache
 
+    n, width = prompt_ids.shape
+    # The whole attention mask up front, one column switched on per step: a view per step instead
+    # of a torch.cat that copies the [N, P + t] mask at every token.
+    full_mask = prompt_mask.new_zeros(n, width + generation.max_new_tokens)
+    full_mask[:, :width] = prompt_mask
     mask = prompt_mask
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()  # filled in place by every forward
@@ -445,7 +450,8 @@ def sample(
         if finished.all():
             break
         inputs = next_tokens.unsqueeze(-1)
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+        full_mask[:, width + step] = 1
+        mask = full_mask[:, : width + step + 1]
         positions = positions[:, -1:] + 1
     return torch.stack(tokens, dim=1)
 
