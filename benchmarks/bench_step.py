@@ -6,6 +6,11 @@ Usage::
     python benchmarks/bench_step.py --quick                 # fewer steps (1 warm-up + 2 timed)
     python benchmarks/bench_step.py --case trl --vocab 32768  # one case; prints one JSON line
     python benchmarks/bench_step.py --repeats 3 --json-out r.json  # interleaved runs, medians
+    python benchmarks/bench_step.py --dtype bfloat16 --device cuda   # bf16 autocast on a GPU
+    python benchmarks/bench_step.py --new-tokens 256 --samples 8 --sdpo-gradient-checkpointing
+
+``--new-tokens``, ``--samples`` (G), ``--dtype``, ``--device`` and the two gradient-checkpointing
+switches change the workload below on both sides alike (``benchmarks/bench_cost.py`` sweeps them).
 
 Every (trainer, vocabulary) case runs in a fresh subprocess, so its peak RSS (``ru_maxrss``) is its
 own. The driver prints: vocab | trainer | median step s | peak MB | base MB | peak-base MB, and the
@@ -324,8 +329,8 @@ def run_trl(args, path: Path, tokenizer, prompts: list[str], out_dir: str) -> di
         raise ValueError(f"--micro-batch must divide {rows_per_step}")
     config = SDPOConfig(
         output_dir=out_dir,
-        use_cpu=True,
-        bf16=False,
+        use_cpu=args.device == "cpu",
+        bf16=args.dtype == "bfloat16",
         fp16=False,
         activation_checkpointing=args.trl_gradient_checkpointing,
         report_to="none",
@@ -496,8 +501,9 @@ def run_sdpo(args, path: Path, tokenizer, prompts: list[str], out_dir: str) -> d
     overrides = {
         "model_name": "bench",
         "num_samples_per_prompt": SAMPLES_PER_PROMPT,
-        "model__dtype": "float32",
-        "model__device": "cpu",
+        "model__dtype": args.dtype,
+        "model__device": args.device,
+        "model__gradient_checkpointing": args.sdpo_gradient_checkpointing,
         "generation__max_new_tokens": NEW_TOKENS,
         "generation__temperature": 1.0,
         "generation__top_p": 1.0,
@@ -553,7 +559,7 @@ def run_sdpo(args, path: Path, tokenizer, prompts: list[str], out_dir: str) -> d
             del overrides[key]
     config = SDPOConfig(**overrides)
 
-    policy_model = PolicyModel(model=model, tokenizer=tokenizer)
+    policy_model = PolicyModel(model=model, tokenizer=tokenizer, device=args.device)
     rows = [{"prompt": p} for p in prompts]
     trainer = SDPOTrainer(
         config=config,
@@ -629,6 +635,9 @@ def run_sdpo(args, path: Path, tokenizer, prompts: list[str], out_dir: str) -> d
 def run_case(args) -> dict:
     import torch
 
+    global NEW_TOKENS, SAMPLES_PER_PROMPT
+    NEW_TOKENS, SAMPLES_PER_PROMPT = args.new_tokens, args.samples
+
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
@@ -644,6 +653,12 @@ def run_case(args) -> dict:
         "micro_batch": args.micro_batch,
         "distillation_weight": args.distillation_weight,
         "threads": torch.get_num_threads(),
+        "new_tokens": args.new_tokens,
+        "samples": args.samples,
+        "dtype": args.dtype,
+        "device": args.device,
+        "sdpo_gradient_checkpointing": args.sdpo_gradient_checkpointing,
+        "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
     }
     with tempfile.TemporaryDirectory(prefix=f"bench_step_{args.case}_") as out_dir:
         if args.case.startswith("trl"):
@@ -655,6 +670,8 @@ def run_case(args) -> dict:
             result = run_sdpo(args, path, tokenizer, prompts, out_dir)
     if result.get("available"):
         result["delta_mb"] = round(result["peak_rss_mb"] - result["base_rss_mb"], 1)
+    if args.device == "cuda" and result.get("available"):
+        result["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     result["loadavg_1m"] = os.getloadavg()[0]
     return {**header, **result}
 
@@ -716,6 +733,17 @@ def _combine(runs: list[dict]) -> dict:
     return out
 
 
+def passthrough_workload(args) -> list[str]:
+    """The case arguments that define the workload beyond the defaults (for bench_cost.py too)."""
+    out = ["--new-tokens", str(args.new_tokens), "--samples", str(args.samples)]
+    out += ["--dtype", args.dtype, "--device", args.device]
+    if args.trl_gradient_checkpointing:
+        out.append("--trl-gradient-checkpointing")
+    if args.sdpo_gradient_checkpointing:
+        out.append("--sdpo-gradient-checkpointing")
+    return out
+
+
 def drive(args) -> int:
     cache = Path(args.model_cache)
     for vocab in args.vocabs:
@@ -735,9 +763,8 @@ def drive(args) -> int:
         str(args.threads),
         "--lora-r",
         str(args.lora_r),
+        *passthrough_workload(args),
     ]
-    if args.trl_gradient_checkpointing:
-        passthrough.append("--trl-gradient-checkpointing")
     runs: dict[tuple[int, str], list[dict]] = {
         (v, t): [] for v in args.vocabs for t in args.trainers
     }
@@ -755,8 +782,9 @@ def drive(args) -> int:
     print(
         f"SDPO step (*-lora: LoRA r={args.lora_r}, alpha {2 * args.lora_r}, all 7 projections, "
         "EMA teacher adapter): "
-        f"Llama {LAYERS}x{HIDDEN} (heads {HEADS}, ffn {INTERMEDIATE}), fp32 CPU, "
-        f"{PROMPTS_PER_STEP} prompts x {SAMPLES_PER_PROMPT} samples x {NEW_TOKENS} tokens, "
+        f"Llama {LAYERS}x{HIDDEN} (heads {HEADS}, ffn {INTERMEDIATE}), {args.dtype} "
+        f"{args.device}, {PROMPTS_PER_STEP} prompts x {args.samples} samples x "
+        f"{args.new_tokens} tokens, "
         f"top-{TOPK}+tail, alpha {ALPHA}, EMA teacher, micro-batch {args.micro_batch}; "
         f"median of {args.steps} steps after {args.warmup} warm-up"
         + (f", median over {args.repeats} runs" if args.repeats > 1 else "")
@@ -823,6 +851,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch", type=int, default=32, help="completions per fwd/bwd")
     parser.add_argument("--distillation-weight", type=float, default=0.5)
     parser.add_argument("--trl-gradient-checkpointing", action="store_true")
+    parser.add_argument("--sdpo-gradient-checkpointing", action="store_true")
+    parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="per completion")
+    parser.add_argument("--samples", type=int, default=SAMPLES_PER_PROMPT, help="G per prompt")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank of the *-lora cases")
     parser.add_argument("--model-cache", default=str(DEFAULT_MODEL_CACHE))
