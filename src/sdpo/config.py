@@ -304,9 +304,10 @@ class SelfDistillationConfig:
     )
     feedback_template: str = _f(DEFAULT_FEEDBACK_TEMPLATE, "Feedback block; field {feedback_raw}.")
     loss_chunk_size: int = _f(
-        1024,
-        "Completion positions per chunk when computing logits and divergences (memory O(chunk x vocab)).",
-        min=1,
+        0,
+        "Completion positions per chunk when computing logits and divergences (memory O(chunk x "
+        "vocab)); 0 = auto: 2^23 / vocab, clamped to [16, 1024] (32 MB per float32 buffer).",
+        min=0,
     )
 
 

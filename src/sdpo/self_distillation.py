@@ -652,6 +652,20 @@ def chunked_token_logprobs(
     return (logprobs, entropy.reshape(token_ids.shape)) if with_entropy else logprobs
 
 
+AUTO_CHUNK_ELEMENTS = 2**23
+
+
+def auto_chunk_size(vocab: int) -> int:
+    """Positions per LM-head chunk for a ``V``-token vocabulary: ``⌊2²³ / V⌋`` clamped to
+    ``[16, 1024]``, so one ``[chunk, V]`` float32 buffer is at most 32 MB (a chunk holds a few).
+
+    V = 128 -> 1024 (one chunk for bench_step's 1,024 positions), 32,768 -> 256, 151,936 -> 55.
+    Why: at V = 32,768 a single 1,024-position chunk lifted the step's peak RSS by ~450 MB
+    (several ``[1024, V]`` buffers at once); 256 positions cut the bench step's peak 1,229 -> 961 MB.
+    """
+    return max(16, min(1024, AUTO_CHUNK_ELEMENTS // max(vocab, 1)))
+
+
 def policy_terms(
     hidden: Tensor,
     lm_head_weight: Tensor,
@@ -688,7 +702,7 @@ def policy_terms(
         alpha, topk, add_tail: as in :func:`token_divergence`.
         level: ``logit`` (distribution matching) or ``token`` (sampled-token reverse KL).
         temperature: sampling temperature T.
-        chunk_size: positions per chunk.
+        chunk_size: positions per chunk; 0 or less = :func:`auto_chunk_size` of V.
 
     Returns:
         ``logprobs [N]`` (with gradient) and ``entropy [N]`` (detached); with ``teacher_hidden``
@@ -699,6 +713,8 @@ def policy_terms(
     if level not in ("logit", "token"):
         raise ValueError(f"Unknown distillation level {level!r}; choose 'logit' or 'token'.")
     _check_divergence_args(alpha, topk)
+    if chunk_size <= 0:
+        chunk_size = auto_chunk_size(lm_head_weight.shape[0])
     teacher_weight, teacher_bias = _teacher_head(
         lm_head_weight, lm_head_bias, teacher_weight, teacher_bias
     )
