@@ -71,7 +71,9 @@ def train_flops(length: int, group: int, vocab: int) -> float:
     return 3 * forward(s) + forward(s + length + TEMPLATE_TOKENS)
 
 
-def matmul_rate(dtype_name: str, vocab: int, device: str, seconds: float = 0.3) -> float:
+def matmul_rate(
+    dtype_name: str, vocab: int, device: str, clock: str, seconds: float = 0.3
+) -> float:
     """This machine's GFLOP/s for the model's two matmul shapes (the better of the two): the
     block's ``[1024, H] x [H, 4H]`` and the head's ``[1024, H] x [H, V]``."""
     import torch
@@ -82,13 +84,14 @@ def matmul_rate(dtype_name: str, vocab: int, device: str, seconds: float = 0.3) 
         a = torch.randn(1024, bs.HIDDEN, dtype=dtype, device=device)
         b = torch.randn(bs.HIDDEN, n_out, dtype=dtype, device=device)
         a @ b  # warm-up
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
+        timer = time.process_time if clock == "cpu" else time.perf_counter
+        reps, t0 = 0, timer()
+        while timer() - t0 < seconds:
             a @ b
             reps += 1
         if device == "cuda":
             torch.cuda.synchronize()
-        rate = 2 * 1024 * bs.HIDDEN * n_out * reps / (time.perf_counter() - t0) / 1e9
+        rate = 2 * 1024 * bs.HIDDEN * n_out * reps / (timer() - t0) / 1e9
         best = max(best, rate)
     return best
 
@@ -98,7 +101,7 @@ def case_args(args, length: int, group: int, ckpt: bool) -> list[str]:
     out = ["--warmup", str(args.warmup), "--steps", str(args.steps)]
     out += ["--micro-batch", str(rows), "--model-cache", args.model_cache]
     out += ["--threads", str(args.threads), "--new-tokens", str(length), "--samples", str(group)]
-    out += ["--dtype", args.dtype, "--device", args.device]
+    out += ["--dtype", args.dtype, "--device", args.device, "--clock", args.clock]
     if ckpt:
         out += ["--sdpo-gradient-checkpointing", "--trl-gradient-checkpointing"]
     return out
@@ -165,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="step timer: wall, or CPU time (steadier on a busy machine)")  # fmt: skip
     parser.add_argument("--model-cache", default=str(bs.DEFAULT_MODEL_CACHE))
     parser.add_argument("--case-timeout", type=float, default=3600)
     parser.add_argument("--json-out", default=None)
@@ -184,7 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    rates = {v: matmul_rate(args.dtype, v, args.device) for v in sorted({p[2] for p in points})}
+    rates = {
+        v: matmul_rate(args.dtype, v, args.device, args.clock)
+        for v in sorted({p[2] for p in points})
+    }
     print(f"matmul {args.dtype} GFLOP/s by vocabulary (best of block/head shapes): "
           + ", ".join(f"V={v}: {r:.0f}" for v, r in rates.items()), flush=True)  # fmt: skip
 
@@ -221,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                     Path(args.json_out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
 
     print(f"\nSDPO step cost, {args.dtype} {args.device}, {args.threads} thread(s), "
-          f"{args.warmup} warm-up + median of {args.steps} step(s); load {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} cores")  # fmt: skip
+          f"{args.clock} time, {args.warmup} warm-up + median of {args.steps} step(s); "
+          f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")  # fmt: skip
     print("| L | G | V | trainer | ckpt | step s | gen s | peak MB | train GFLOP | GFLOP/s | "
           "of matmul | sdpo/trl time | sdpo/trl peak |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -138,6 +138,9 @@ NUM_PROMPTS = 64
 DEFAULT_MODEL_CACHE = Path(tempfile.gettempdir()) / "sdpo_bench_step_models"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TRAINERS = ("trl", "sdpo", "trl-lora", "sdpo-lora")
+# Step timer: wall time, or with --clock cpu this process's CPU time (all threads), which a busy
+# machine inflates far less than wall time (use it with --threads 1).
+CLOCK = time.perf_counter
 
 
 def rss_mb() -> float:
@@ -388,9 +391,9 @@ def run_trl(args, path: Path, tokenizer, prompts: list[str], out_dir: str) -> di
     original_generate = trainer._generate
 
     def timed_generate(*a, **kw):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         result = original_generate(*a, **kw)
-        gen_times.append(time.perf_counter() - t0)
+        gen_times.append(CLOCK() - t0)
         return result
 
     trainer._generate = timed_generate
@@ -405,10 +408,10 @@ def run_trl(args, path: Path, tokenizer, prompts: list[str], out_dir: str) -> di
             self.student_len: list[int] = []
 
         def on_step_begin(self, args, state, control, **kwargs):
-            self.t0 = time.perf_counter()
+            self.t0 = CLOCK()
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self.t0)
+            self.times.append(CLOCK() - self.t0)
 
         # SDPO-specific hook dispatched by TRL's trainer after the teacher prompts are built.
         def on_teacher_context_built(self, **kw):
@@ -580,12 +583,12 @@ def run_sdpo(args, path: Path, tokenizer, prompts: list[str], out_dir: str) -> d
     for _ in range(args.warmup + args.steps):
         if params:  # step(batch) variant: hand it 8 prompt rows
             batch = rng.sample(rows, PROMPTS_PER_STEP)
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             metrics = trainer.step(batch)
         else:
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             metrics = trainer.step()
-        times.append(time.perf_counter() - t0)
+        times.append(CLOCK() - t0)
         step_metrics.append(dict(metrics or {}))
 
     timed_metrics = step_metrics[args.warmup :]
@@ -635,8 +638,9 @@ def run_sdpo(args, path: Path, tokenizer, prompts: list[str], out_dir: str) -> d
 def run_case(args) -> dict:
     import torch
 
-    global NEW_TOKENS, SAMPLES_PER_PROMPT
+    global NEW_TOKENS, SAMPLES_PER_PROMPT, CLOCK
     NEW_TOKENS, SAMPLES_PER_PROMPT = args.new_tokens, args.samples
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -659,6 +663,7 @@ def run_case(args) -> dict:
         "device": args.device,
         "sdpo_gradient_checkpointing": args.sdpo_gradient_checkpointing,
         "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
+        "clock": args.clock,
     }
     with tempfile.TemporaryDirectory(prefix=f"bench_step_{args.case}_") as out_dir:
         if args.case.startswith("trl"):
@@ -736,7 +741,7 @@ def _combine(runs: list[dict]) -> dict:
 def passthrough_workload(args) -> list[str]:
     """The case arguments that define the workload beyond the defaults (for bench_cost.py too)."""
     out = ["--new-tokens", str(args.new_tokens), "--samples", str(args.samples)]
-    out += ["--dtype", args.dtype, "--device", args.device]
+    out += ["--dtype", args.dtype, "--device", args.device, "--clock", args.clock]
     if args.trl_gradient_checkpointing:
         out.append("--trl-gradient-checkpointing")
     if args.sdpo_gradient_checkpointing:
@@ -786,7 +791,7 @@ def drive(args) -> int:
         f"{args.device}, {PROMPTS_PER_STEP} prompts x {args.samples} samples x "
         f"{args.new_tokens} tokens, "
         f"top-{TOPK}+tail, alpha {ALPHA}, EMA teacher, micro-batch {args.micro_batch}; "
-        f"median of {args.steps} steps after {args.warmup} warm-up"
+        f"median of {args.steps} steps after {args.warmup} warm-up, {args.clock} time"
         + (f", median over {args.repeats} runs" if args.repeats > 1 else "")
     )
     print(cols)
@@ -856,6 +861,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=SAMPLES_PER_PROMPT, help="G per prompt")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--clock", choices=["wall", "cpu"], default="wall", help="step timer (cpu: CPU time)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank of the *-lora cases")
     parser.add_argument("--model-cache", default=str(DEFAULT_MODEL_CACHE))
