@@ -27,7 +27,7 @@ class _LargestTensor(TorchDispatchMode):
 
 
 @pytest.mark.parametrize(
-    ("vocab", "chunk"), [(99, 1024), (128, 1024), (32768, 256), (151936, 55), (10**7, 16)]
+    ("vocab", "chunk"), [(99, 1024), (128, 1024), (32768, 256), (151936, 64), (10**7, 64)]
 )
 def test_auto_chunk_size_by_vocabulary(vocab, chunk):
     assert auto_chunk_size(vocab) == chunk

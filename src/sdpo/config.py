@@ -306,7 +306,7 @@ class SelfDistillationConfig:
     loss_chunk_size: int = _f(
         0,
         "Completion positions per chunk when computing logits and divergences (memory O(chunk x "
-        "vocab)); 0 = auto: 2^23 / vocab, clamped to [16, 1024] (32 MB per float32 buffer).",
+        "vocab)); 0 = auto: 2^23 / vocab, clamped to [64, 1024] (~32 MB per float32 buffer).",
         min=0,
     )
 

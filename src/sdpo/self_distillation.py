@@ -657,13 +657,15 @@ AUTO_CHUNK_ELEMENTS = 2**23
 
 def auto_chunk_size(vocab: int) -> int:
     """Positions per LM-head chunk for a ``V``-token vocabulary: ``⌊2²³ / V⌋`` clamped to
-    ``[16, 1024]``, so one ``[chunk, V]`` float32 buffer is at most 32 MB (a chunk holds a few).
+    ``[64, 1024]``, so one ``[chunk, V]`` float32 buffer is about 32 MB (a chunk holds a few).
 
-    V = 128 -> 1024 (one chunk for bench_step's 1,024 positions), 32,768 -> 256, 151,936 -> 55.
-    Why: at V = 32,768 a single 1,024-position chunk lifted the step's peak RSS by ~450 MB
-    (several ``[1024, V]`` buffers at once); 256 positions cut the bench step's peak 1,229 -> 961 MB.
+    V = 128 -> 1024 (one chunk for bench_step's 1,024 positions), 32,768 -> 256, 151,936 -> 64.
+    Why: at V = 32,768 a single 1,024-position chunk lifted the bench step's peak RSS by ~450 MB
+    (several ``[1024, V]`` buffers at once); 256 positions cut the peak 1,271 -> 947 MB, for +13%
+    CPU time (with more than one chunk each chunk's logits are recomputed in the backward). The
+    floor of 64 keeps each chunk's matmul large enough to amortize reading the ``[V, H]`` head.
     """
-    return max(16, min(1024, AUTO_CHUNK_ELEMENTS // max(vocab, 1)))
+    return max(64, min(1024, AUTO_CHUNK_ELEMENTS // max(vocab, 1)))
 
 
 def policy_terms(
