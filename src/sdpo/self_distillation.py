@@ -661,9 +661,10 @@ def auto_chunk_size(vocab: int) -> int:
 
     V = 128 -> 1024 (one chunk for bench_step's 1,024 positions), 32,768 -> 256, 151,936 -> 64.
     Why: at V = 32,768 a single 1,024-position chunk lifted the bench step's peak RSS by ~450 MB
-    (several ``[1024, V]`` buffers at once); 256 positions cut the peak 1,271 -> 947 MB, for +13%
-    CPU time (with more than one chunk each chunk's logits are recomputed in the backward). The
-    floor of 64 keeps each chunk's matmul large enough to amortize reading the ``[V, H]`` head.
+    (several ``[1024, V]`` buffers at once); 256 positions cut the peak ~1,274 -> ~953 MB, for
+    +13-22% CPU time (with more than one chunk, each chunk's logits are recomputed in the
+    backward; ``loss_chunk_size=1024`` keeps one chunk). The floor of 64 keeps each chunk's
+    matmul large enough to amortize reading the ``[V, H]`` head.
     """
     return max(64, min(1024, AUTO_CHUNK_ELEMENTS // max(vocab, 1)))
 
