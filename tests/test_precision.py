@@ -18,7 +18,7 @@ def one_success_per_group(prompts, completions, **columns):
     return [float(i % 4 == 0) for i in range(len(completions))]
 
 
-def _trainer(tmp_path, dtype="float32", seed=0, **overrides) -> SDPOTrainer:
+def _trainer(tmp_path, dtype="float32", seed=0, device=None, **overrides) -> SDPOTrainer:
     model, tok = make_tiny_llama(seed=seed, hidden=64)
     base = dict(
         num_samples_per_prompt=4,
@@ -33,7 +33,7 @@ def _trainer(tmp_path, dtype="float32", seed=0, **overrides) -> SDPOTrainer:
     base.update(overrides)
     config = SDPOConfig(**base)
     # As the CLI builds it: the policy loaded in model.dtype (before: pure bf16 weights).
-    policy = PolicyModel(model=model, tokenizer=tok, dtype=config.model.dtype)
+    policy = PolicyModel(model=model, tokenizer=tok, dtype=config.model.dtype, device=device)
     return SDPOTrainer(
         config=config,
         policy_model=policy,
@@ -175,7 +175,7 @@ def test_auto_dtype_is_bf16_on_cuda_whatever_the_cpu(monkeypatch):
 
 def test_auto_dtype_choice_runs_printed_and_kept_in_the_run_config(tmp_path, monkeypatch, capsys):
     _cpu_bf16(monkeypatch, True, False)  # as on a CPU with AVX512-BF16
-    trainer = _trainer(tmp_path, dtype="auto", run__max_steps=1)
+    trainer = _trainer(tmp_path, dtype="auto", device="cpu", run__max_steps=1)  # also under CUDA
     assert trainer.runtime.compute_dtype == torch.bfloat16
     assert next(trainer.policy.model.parameters()).dtype == torch.float32  # master weights
     trainer.train()
