@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="step timer: wall, or CPU time (steadier on a busy machine)")  # fmt: skip
     parser.add_argument("--model-cache", default=str(bs.DEFAULT_MODEL_CACHE))
     parser.add_argument("--case-timeout", type=float, default=3600)
+    parser.add_argument("--jobs", type=int, default=1, help="cases run side by side")
     parser.add_argument("--json-out", default=None)
     parser.add_argument("--png", default="bench_cost.png")
     args = parser.parse_args(argv)
@@ -196,37 +198,45 @@ def main(argv: list[str] | None = None) -> int:
     print(f"matmul {args.dtype} GFLOP/s by vocabulary (best of block/head shapes): "
           + ", ".join(f"V={v}: {r:.0f}" for v, r in rates.items()), flush=True)  # fmt: skip
 
-    rows: list[dict] = []
+    cases = []
     for length, group, vocab in points:
         bs.ensure_model(Path(args.model_cache), vocab)
         ckpts = [False] if args.no_checkpointing else [False, True]
         if args.ckpt_base_only and (length, group, vocab) != BASE:
             ckpts = [False]
-        for ckpt in ckpts:
-            for trainer in args.trainers:  # interleaved: drifting load hits both alike
-                passthrough = case_args(args, length, group, ckpt)
-                res = bs._run_one(args, trainer, vocab, passthrough)
-                row = {"point": [length, group, vocab], "trainer": trainer, "ckpt": ckpt}
-                row["available"] = bool(res.get("available"))
-                row["error"] = res.get("error")
-                if row["available"]:
-                    step, gen = res["median_step_s"], res.get("gen_median_s") or 0.0
-                    flops = train_flops(length, group, vocab)
-                    gflops = flops / max(step - gen, 1e-9) / 1e9
-                    row |= {
-                        "step_s": step,
-                        "gen_s": gen,
-                        "peak_mb": res.get("cuda_peak_mb") or res["peak_rss_mb"],
-                        "delta_mb": res["delta_mb"],
-                        "train_gflop": flops / 1e9,
-                        "gflops": gflops,
-                        "of_matmul": gflops / rates[vocab],
-                        "load_1m": res.get("loadavg_1m"),
-                    }
-                rows.append(row)
-                if args.json_out:  # after every case: a long sweep keeps what it measured
-                    meta = {"matmul_gflops": rates, "dtype": args.dtype, "device": args.device}
-                    Path(args.json_out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
+        # trainers adjacent: drifting load hits both alike
+        cases += [((length, group, vocab), ckpt, t) for ckpt in ckpts for t in args.trainers]
+
+    def run(case) -> dict:
+        (length, group, vocab), ckpt, trainer = case
+        res = bs._run_one(args, trainer, vocab, case_args(args, length, group, ckpt))
+        row = {"point": [length, group, vocab], "trainer": trainer, "ckpt": ckpt}
+        row["available"] = bool(res.get("available"))
+        row["error"] = res.get("error")
+        if row["available"]:
+            step, gen = res["median_step_s"], res.get("gen_median_s") or 0.0
+            flops = train_flops(length, group, vocab)
+            gflops = flops / max(step - gen, 1e-9) / 1e9
+            row |= {
+                "step_s": step,
+                "gen_s": gen,
+                "peak_mb": res.get("cuda_peak_mb") or res["peak_rss_mb"],
+                "delta_mb": res["delta_mb"],
+                "train_gflop": flops / 1e9,
+                "gflops": gflops,
+                "of_matmul": gflops / rates[vocab],
+                "load_1m": res.get("loadavg_1m"),
+            }
+        return row
+
+    # --jobs > 1 runs cases side by side (each its own process): use it with --clock cpu on a
+    # machine with spare cores; wall times of parallel cases are not comparable.
+    with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
+        rows = list(pool.map(run, cases))
+    if args.json_out:
+        meta = {"matmul_gflops": rates, "dtype": args.dtype, "device": args.device}
+        meta |= {"clock": args.clock, "jobs": args.jobs}
+        Path(args.json_out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
 
     print(f"\nSDPO step cost, {args.dtype} {args.device}, {args.threads} thread(s), "
           f"{args.clock} time, {args.warmup} warm-up + median of {args.steps} step(s); "

@@ -59,8 +59,8 @@ Timing: TRL is driven by ``trainer.train()`` and a ``TrainerCallback`` records
 ``on_step_begin`` -> ``on_step_end`` (the callback is registered after TRL's EMA-sync callback, so
 the teacher update is inside the interval; the data loader's fetch of 8 prompt rows is not).
 sdpo is timed around each ``trainer.step()`` call. The median over the timed steps after the
-warm-up steps is reported; ``gen_median_s`` is the time inside ``model.generate`` (TRL) or the
-step's own generation timing if it reports one.
+warm-up steps is reported; ``gen_median_s`` is the time inside ``model.generate`` (TRL) or
+``trainer.generate`` (sdpo), timed with the same clock as the step.
 
 Memory: ``peak`` = ``ru_maxrss`` of the case's subprocess; ``base`` = RSS after imports, tokenizer
 and model load, before the trainer is built; ``peak-base`` = what the trainer adds (teacher copy,
@@ -571,6 +571,17 @@ def run_sdpo(args, path: Path, tokenizer, prompts: list[str], out_dir: str) -> d
         train_dataloader=rows,
     )
 
+    gen_times: list[float] = []  # in CLOCK's time (the trainer's own metric is wall time)
+    original_generate = trainer.generate
+
+    def timed_generate(*a, **kw):
+        t0 = CLOCK()
+        out = original_generate(*a, **kw)
+        gen_times.append(CLOCK() - t0)
+        return out
+
+    trainer.generate = timed_generate
+
     params = [
         p
         for p in inspect.signature(trainer.step).parameters.values()
@@ -600,14 +611,6 @@ def run_sdpo(args, path: Path, tokenizer, prompts: list[str], out_dir: str) -> d
                 return statistics.fmean(values)
         return None
 
-    gen_key = next(
-        (
-            k
-            for k in (timed_metrics[0] if timed_metrics else {})
-            if "gen" in k.lower() and ("time" in k.lower() or k.endswith("_s"))
-        ),
-        None,
-    )
     timing_keys = sorted(
         {k for m in timed_metrics for k in m if "time" in k.lower() or k.startswith("timing/")}
     )
@@ -616,10 +619,8 @@ def run_sdpo(args, path: Path, tokenizer, prompts: list[str], out_dir: str) -> d
         "base_rss_mb": round(base, 1),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         **summarize(times, args.warmup),
-        "gen_median_s": statistics.median(
-            [m[gen_key] for m in timed_metrics if isinstance(m.get(gen_key), (int, float))]
-        )
-        if gen_key
+        "gen_median_s": statistics.median(gen_times[args.warmup :])
+        if len(gen_times) > args.warmup
         else None,
         "mean_completion_len": metric("completions/mean_length", "completion_length"),
         "min_completion_len": metric("completions/min_length"),
