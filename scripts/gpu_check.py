@@ -247,16 +247,16 @@ def run_one(name: str, smoke: bool, out: Path) -> dict:
     return fn(smoke, out) if name.startswith("bench") else fn(smoke)
 
 
-def _child(name: str, smoke: bool, out: Path) -> dict:
+def _child(name: str, smoke: bool, out: Path, time_scale: float = 1.0) -> dict:
     cmd = [sys.executable, __file__, "--child", name, "--out", str(out)] + (["--smoke"] * smoke)
+    limit = TIME_LIMIT_S[name] * time_scale
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=TIME_LIMIT_S[name],
-            env=_env_for_children(),
-        )  # fmt: skip
+            cmd, capture_output=True, text=True, timeout=limit, env=_env_for_children()
+        )
     except subprocess.TimeoutExpired:
-        return {"ok": False, "detail": f"timed out after {TIME_LIMIT_S[name]} s"}
+        return {"ok": False, "detail": f"timed out after {limit:.0f} s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -283,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="no benchmarks, tiny sizes")
     parser.add_argument("--only", nargs="+", choices=CHECKS, help="run these checks only")
     parser.add_argument("--out", default="gpu-check", help="directory for the JSON and table")
+    parser.add_argument(
+        "--time-scale", type=float, default=1.0, help="multiply every check's time limit (busy CPU)"
+    )
     parser.add_argument("--child", choices=CHECKS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -296,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     for name in args.only or CHECKS:
         print(f"[gpu_check] {name} ...", file=sys.stderr, flush=True)
-        results[name] = _child(name, args.smoke, out)
+        results[name] = _child(name, args.smoke, out, args.time_scale)
     ran_on_cuda = [n for n, r in results.items() if device == "cuda" and "skipped" not in r]
     not_on_cuda = {
         n: (results[n].get("skipped") or f"ran on {device}, not CUDA")
