@@ -224,7 +224,10 @@ def build_tokenizer(vocab_size: int):
     if n_extra < 0:
         raise ValueError(f"vocab_size {vocab_size} is smaller than the base tokenizer")
     extra: list[str] = []
-    for lo, hi in ((0x4E00, 0xA000), (0xAC00, 0xD7A4), (0x3400, 0x4DC0)):
+    # CJK, Hangul, CJK extension A, then (for 151,936 = Qwen's size) CJK extension B and the
+    # supplementary private-use planes: every one a single code point.
+    ranges = ((0x4E00, 0xA000), (0xAC00, 0xD7A4), (0x3400, 0x4DC0), (0x20000, 0x2A6E0))
+    for lo, hi in ranges + ((0xF0000, 0xFFFFE), (0x100000, 0x10FFFE)):
         extra.extend(chr(cp) for cp in range(lo, min(hi, lo + n_extra - len(extra))))
     if len(extra) != n_extra:
         raise ValueError(f"cannot pad the tokenizer to {vocab_size} tokens")
