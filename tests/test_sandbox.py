@@ -456,6 +456,8 @@ def test_non_root_user_cannot_touch_its_own_files(level):
     try:
         os.chmod(home, 0o755)
         shutil.copy(sandbox.__file__, os.path.join(home, "sandbox_under_test.py"))
+        programs = os.path.join(os.path.dirname(sandbox.__file__), "sandbox_programs")
+        shutil.copytree(programs, os.path.join(home, "sandbox_programs"))
         own = os.path.join(home, "checkpoint.txt")
         with open(own, "w") as f:
             f.write("precious")
