@@ -21,6 +21,9 @@ of them plus the config key that switches it on:
 
 FSDP's rule — every rank runs the same forward passes and a backward through every block — lives
 in :class:`Lockstep`, not inline in the terms.
+
+One file (about 600 lines): the prepared batch, the micro-batch passes and the terms are the one
+loss a step computes; method variants live in :mod:`sdpo.variants`.
 """
 
 from __future__ import annotations

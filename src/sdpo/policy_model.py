@@ -4,6 +4,9 @@ The model is read as ``backbone -> hidden states -> LM head``. Training passes r
 ``[prompt | completion]`` and keep only the hidden states that predict completion tokens; the LM
 head is applied to those alone, in chunks (see :mod:`sdpo.self_distillation`), so prompt and
 reprompt positions never cost a ``[positions, vocab]`` tensor.
+
+One file (a little over ~600 lines): the roles share the backbone/LM-head reading and the
+tokenization of ``[prompt | completion]``.
 """
 
 from __future__ import annotations

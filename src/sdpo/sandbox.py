@@ -28,6 +28,11 @@ killing everything) cannot be verified, :func:`run_program` refuses with
 :class:`SandboxUnavailableError` unless ``SandboxConfig(allow_unsafe=True)``. The README's
 "Sandbox" section lists what each level guarantees and what it does not.
 
+One file (over ~600 lines) on purpose: detection, the launchers, cgroups and cleanup share one
+threat model and its private helpers, and the order of what runs before the uid drop is easiest
+to audit in one place; the programs that run inside the sandbox are files in
+``sdpo/sandbox_programs/``.
+
 Usage::
 
     result = run_program("print(input()[::-1])", stdin="abc")  # -> result.stdout == "cba\\n"
