@@ -26,7 +26,7 @@ generated batch (every combination is a run, named ``arm@lr=..,u=..``); the tabl
 generations, optimizer steps and wall-clock per run, and distilling arms log the teacher's own
 accuracy (``teacher/probe_accuracy``) at every evaluation.
 
-    python scripts/study.py                         # the full study (see the README for its cost)
+    python scripts/study.py                         # the full study (docs/study.md gives its cost)
     python scripts/study.py --steps 2 --seeds 0 --eval-every 1 --eval-prompts 8 --discover-questions 2
     python scripts/study.py --task listprog --out docs/listprog_study --runs runs/listprog_study
 """

@@ -194,7 +194,7 @@ def test_trl_token_rewards_train_on_plain_prompts(tmp_path):
 
 
 def test_math_reward_default_against_trl_accuracy_reward():
-    """The README's comparison table: sdpo's default math reward and TRL's accuracy_reward agree
+    """docs/trl.md's comparison table: sdpo's default math reward and TRL's accuracy_reward agree
     except where TRL takes the first \\boxed{} (sdpo: the last) or ignores \\fbox{}."""
     from helpers import MATH_CASES
     from trl.rewards import accuracy_reward

@@ -25,8 +25,8 @@ uid).
 
 If the guarantees of ``bwrap`` or ``namespaces`` (file system, time, memory and process limits;
 killing everything) cannot be verified, :func:`run_program` refuses with
-:class:`SandboxUnavailableError` unless ``SandboxConfig(allow_unsafe=True)``. The README's
-"Sandbox" section lists what each level guarantees and what it does not.
+:class:`SandboxUnavailableError` unless ``SandboxConfig(allow_unsafe=True)``. The docs page
+(docs/sandbox.md) lists what each level guarantees and what it does not.
 
 One file (over ~600 lines) on purpose: detection, the launchers, cgroups and cleanup share one
 threat model and its private helpers, and the order of what runs before the uid drop is easiest
