@@ -110,3 +110,15 @@ def make_trainer(
         train_dataloader=rows,
         eval_dataloader=eval_rows,
     )
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread (as the trainer's run.num_threads=0 picks); two threads on a busy
+    machine made these tests 20x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -12,17 +12,7 @@ from sdpo.probe import run_probe, verdict
 from sdpo.reward_model import RewardOutput
 from sdpo.tasks import load_task, task_reward_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread (as the trainer's run.num_threads=0 picks); two threads on a busy
-    machine made these tests 20x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
