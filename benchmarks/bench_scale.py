@@ -78,7 +78,7 @@ def worker(args: argparse.Namespace) -> None:
     tokens = 0
     for _ in range(args.steps):
         trainer.step()
-        tokens += int(trainer._last_rollouts.completion_mask.sum())
+        tokens += int(trainer.last_rollouts.completion_mask.sum())
     if args.gpu:
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.steps

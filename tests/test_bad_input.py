@@ -93,8 +93,8 @@ def test_a_reward_that_mutates_completions_does_not_change_the_teacher_prompts(t
 
     trainer = make_trainer(tmp_path, reward=vandal)
     trainer.step()
-    assert "HACKED" not in trainer._last_rollouts.completions
-    assert not any("HACKED" in c.prompt for c in trainer._last_contexts if c is not None)
+    assert "HACKED" not in trainer.last_rollouts.completions
+    assert not any("HACKED" in c.prompt for c in trainer.last_contexts if c is not None)
 
 
 # ----- item 15: reward time limit, feedback size ---------------------------------------------------

@@ -206,7 +206,7 @@ def test_feedback_from_reward_model_reaches_teacher_prompt(tmp_path, tiny_llama)
         train_dataloader=ROWS,
     )
     trainer.step()
-    contexts = trainer._last_contexts
+    contexts = trainer.last_contexts
     assert all(c is not None and c.used_feedback for c in contexts)
     assert "error in attempt 3" in contexts[3].prompt
 
@@ -254,7 +254,7 @@ def test_long_prompts_are_skipped_and_counted(tmp_path, tiny_llama):
     )
     metrics = trainer.step()
     assert metrics["skipped_long_prompts"] == 1
-    assert len(trainer._last_rollouts) == 4
+    assert len(trainer.last_rollouts) == 4
 
 
 def test_dataset_without_prompt_column_says_which_columns_it_found(tmp_path, tiny_llama):
@@ -283,8 +283,8 @@ def test_jsonl_and_dataloader_sources(tmp_path, tiny_llama):
             train_dataloader=source,
         )
         trainer.step()
-        assert len(trainer._last_rollouts) == 8
-        assert trainer._last_rollouts.rows[0]["answer"] in {r["answer"] for r in ROWS}
+        assert len(trainer.last_rollouts) == 8
+        assert trainer.last_rollouts.rows[0]["answer"] in {r["answer"] for r in ROWS}
 
 
 def test_seed_usage_example_runs_as_written(tmp_path, monkeypatch):

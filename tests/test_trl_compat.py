@@ -162,7 +162,7 @@ def test_trl_rewards_train_on_chat_prompts_and_hooks_reach_the_logs(tmp_path):
     assert {"solution", "gold_parsed", "answer_parsed", "probe_len"} <= set(samples[0]["extra"])
     assert samples[0]["extra"]["probe_len"] >= 1
     # the soft overlong punishment saw the real token counts (EOS included, as in TRL)
-    last = trainer._last_rollouts
+    last = trainer.last_rollouts
     lengths = last.completion_mask.sum(-1).tolist()
     want = [0.0 if n <= 3 else (-1.0 if n > 6 else (3 - n) / 3) for n in lengths]
     got = [info["soft_overlong_punishment_reward"]["score"] for info in last.reward_info]
@@ -182,7 +182,7 @@ def test_trl_token_rewards_train_on_plain_prompts(tmp_path):
     trainer = make_trainer(tmp_path, PLAIN_ROWS, funcs, chat=False, evaluate=False)
     trainer.train()
     assert all(isinstance(c, str) for call in probe.calls for c in call["completions"])
-    last = trainer._last_rollouts
+    last = trainer.last_rollouts
     ids = [
         row[m.bool()].tolist()
         for row, m in zip(last.completion_ids, last.completion_mask, strict=True)

@@ -1,6 +1,7 @@
 """The checkpointer: what a checkpoint of a training run holds, in which format, and the resume rules.
 
-The format is chosen once, from the runtime: ``distributed.strategy=fsdp`` writes every rank's
+The format is chosen once, from the runtime (the final ``from_pretrained`` directory too:
+:meth:`Checkpointer.save_final`): ``distributed.strategy=fsdp`` writes every rank's
 shards (:mod:`sdpo.sharded_checkpoint`, a collective), anything else one set of files written by
 rank 0 (:mod:`sdpo.checkpoint`). Either way a checkpoint holds the policy, the teacher's state
 (:meth:`sdpo.teacher.Teacher.checkpoint_modules`), the optimizer, the step counter and data
@@ -22,6 +23,7 @@ from sdpo import checkpoint as ckpt
 from sdpo.config import SDPOConfig
 from sdpo.data import PromptSource
 from sdpo.distributed import Runtime, build_schedule
+from sdpo.export import save_pretrained_dir
 from sdpo.policy_model import PolicyModel
 from sdpo.reprompting import Reprompter
 from sdpo.run_dir import RunDirectory
@@ -87,6 +89,14 @@ class Checkpointer:
         self.runtime.barrier()
         self.saved_step = step
         return path
+
+    def save_final(self, out: Path, card: str) -> Path:
+        """The policy as a ``from_pretrained`` directory with ``card`` as its README (every rank
+        calls it: under fsdp the shards are gathered, a collective; rank 0 writes)."""
+        full = self.runtime.full_state_dict(self.policy.model) if self.sharded else None
+        if self.runtime.is_main:
+            save_pretrained_dir(self.policy, out, self.config.generation, card, full)
+        return out
 
     def load(self, path: str | Path) -> tuple[dict[str, Any], torch.optim.lr_scheduler.LambdaLR]:
         """Restore weights, teacher, optimizer, data position and random streams from a checkpoint

@@ -311,7 +311,7 @@ def train(args: argparse.Namespace) -> int:
         # happened, so no before -> after line. The shell convention: 128 + the signal number.
         trainer.runtime.close()
         return 128 + int(trainer.stop_signal)
-    first = getattr(trainer, "first_eval", {})
+    first = trainer.first_eval
     for key in ("eval/accuracy_greedy", "eval/accuracy_sampled"):
         if key in final:
             before = f"{first[key]:.3f} -> " if key in first else ""

@@ -1,15 +1,20 @@
-"""The run's log: ``metrics.jsonl``, ``samples.jsonl`` and the external trackers of ``run.report_to``.
+"""The run's log: ``metrics.jsonl``, ``samples.jsonl``, the external trackers of ``run.report_to``
+and the console (messages, progress bars).
 
-Only the main process (rank 0) writes; on the others every call is a no-op, so callers need no
-rank check. Records are strict JSON lines (NaN and inf are written as ``null``).
+Only the main process (rank 0) writes or prints; on the others every call is a no-op, so callers
+need no rank check. Records are strict JSON lines (NaN and inf are written as ``null``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, TextIO
 
 from sdpo.config import SDPOConfig
 from sdpo.policy_model import RolloutBatch
+from sdpo.progress import Progress
 from sdpo.reprompting import TeacherContext
 from sdpo.run_dir import RunDirectory
 from sdpo.tracking import ExperimentTracker, check_trackers
@@ -23,6 +28,7 @@ class RunLog:
         self.run_dir = run_dir
         check_trackers(config.run.report_to)  # a missing tracker package fails here, early
         self.tracker: ExperimentTracker | None = None
+        self.bar: Progress | None = None  # the open progress display, which messages go through
 
     def start(self) -> None:
         """Open the trackers (once; a resumed or repeated ``train()`` reuses them)."""
@@ -89,3 +95,36 @@ class RunLog:
         lines go first as ``# ...`` (what the run resolved, e.g. model.dtype=auto's choice)."""
         if self.run_dir.main:
             self.config.to_yaml(self.run_dir.path / "config.yaml", comment=comment)
+
+    # ----- the console ------------------------------------------------------------------------
+
+    def say(self, text: str, stream: TextIO | None = None) -> None:
+        """Print ``text`` (default to stderr) on the main process, through the open progress bar
+        when there is one (a tqdm bar stays intact)."""
+        if not self.run_dir.main:
+            return
+        stream = stream if stream is not None else sys.stderr
+        if self.bar is not None:
+            self.bar.write(text, file=stream)
+        else:
+            print(text, file=stream)
+
+    def progress(
+        self, total: int, desc: str, *, initial: int = 0, unit: str = "it"
+    ) -> Progress | None:
+        """A progress display on the main process when ``run.progress_bar`` is on, else None."""
+        if not (self.config.run.progress_bar and self.run_dir.main):
+            return None
+        return Progress(total, desc, initial=initial, unit=unit)
+
+    @contextmanager
+    def step_bar(self, initial: int) -> Iterator[Progress | None]:
+        """The training loop's progress display (steps), which :meth:`say` writes through while
+        it is open; closed on the way out."""
+        self.bar = self.progress(self.config.run.max_steps, "sdpo", initial=initial, unit="steps")
+        try:
+            yield self.bar
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+            self.bar = None

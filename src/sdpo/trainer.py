@@ -33,13 +33,12 @@ from sdpo.config import SDPOConfig
 from sdpo.data import PromptSource, load_rows
 from sdpo.distributed import Runtime, build_optimizer, precision_note
 from sdpo.evaluation import evaluate_policy
-from sdpo.export import model_card, save_pretrained_dir
+from sdpo.export import model_card
 from sdpo.generation import GenerationBackend, build_backend
 from sdpo.health import HealthMonitor
 from sdpo.leakage import guard_feedback
 from sdpo.loss import SDPOLoss
 from sdpo.policy_model import PolicyModel, RolloutBatch, completion_id_lists
-from sdpo.progress import Progress
 from sdpo.reprompting import Reprompter, TeacherContext
 from sdpo.reward_model import (
     as_reward_model,
@@ -176,6 +175,13 @@ class SDPOTrainer:
         self._nonfinite_in_row = 0
         self._stop = StopRequest()
         self._samples_written = False
+        # The last step's rollouts and teacher contexts (None before the first step, or after a
+        # step whose every prompt was too long): what samples.jsonl and callbacks read.
+        self.last_rollouts: RolloutBatch | None = None
+        self.last_contexts: list[TeacherContext | None] = []
+        # The step-0 evaluation's metrics (a resumed run: the first run's) and the latest one's.
+        self.first_eval: dict[str, float] = {}
+        self.last_eval: dict[str, float] = {}
         self._t_start = time.time()
         if run.teacher_probe_steps:  # the teacher's own accuracy on a fixed set (sdpo.probe)
             from sdpo.probe import TeacherProbe
@@ -211,7 +217,7 @@ class SDPOTrainer:
         metrics["generation_time"] = t_gen - t0
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         metrics.update(self.counters)
-        self._last_rollouts, self._last_contexts = rollouts, contexts
+        self.last_rollouts, self.last_contexts = rollouts, contexts
         return metrics
 
     def generate(
@@ -406,7 +412,9 @@ class SDPOTrainer:
                 max_prompt_length=cfg.model.max_prompt_length,
                 trainer_state=self.trainer_state(),
                 sampler=self.generator,  # as training samples (vLLM included)
-                progress=_eval_progress(cfg, len(self.eval_rows), self.runtime.is_main),
+                progress=self.log.progress(  # greedy (one per prompt) + sampled completions
+                    len(self.eval_rows) * (1 + cfg.run.eval_num_samples), "eval", unit="completions"
+                ),
                 reward_timeout_s=cfg.data.reward_timeout_s,
             )
         metrics = {f"eval/{k}": v for k, v in result.metrics.items()}
@@ -441,8 +449,7 @@ class SDPOTrainer:
             self.load_checkpoint(where)
         with self._run.held():
             note = "precision: " + precision_note(self.config.model.dtype, self.runtime.device)
-            if self.runtime.is_main:
-                print(f"sdpo: {note}", file=sys.stderr)
+            self.log.say(f"sdpo: {note}")
             self.log.config_file(comment=note)
             self.log.start()
             self.callbacks.fire("on_train_begin", self)
@@ -453,26 +460,25 @@ class SDPOTrainer:
                 self._loop()
             if self._stop.requested:
                 path = self.save_checkpoint()
-                print(
-                    f"\nStopped at step {self.global_step}; checkpoint {path}.\nResume with: sdpo train --resume {self.run_dir}",
-                    file=sys.stderr,
+                self.log.say(
+                    f"\nStopped at step {self.global_step}; checkpoint {path}.\n"
+                    f"Resume with: sdpo train --resume {self.run_dir}"
                 )
                 self.log.finish()
                 return self.last_eval
             self.last_eval = self.evaluate()
             final = self.save_model()
-            if self.runtime.is_main:
-                print(
-                    f"Final model: {final.resolve()} (from_pretrained-loadable, with a model card)"
-                )
+            self.log.say(
+                f"Final model: {final.resolve()} (from_pretrained-loadable, with a model card)",
+                sys.stdout,
+            )
             self.log.finish()
         self.callbacks.fire("on_train_end", self)
         return self.last_eval
 
     def _loop(self) -> None:
         run = self.config.run
-        bar = _progress(run, self.global_step) if self.runtime.is_main else None
-        try:
+        with self.log.step_bar(initial=self.global_step) as bar:
             while (
                 self.global_step < run.max_steps
                 and not self._stop.requested
@@ -480,14 +486,16 @@ class SDPOTrainer:
             ):
                 metrics = self.step()
                 step = self.global_step
-                self._check_health(step, metrics, bar)
+                for message in self.health.update(step, metrics):  # sdpo.health
+                    self.log.say(f"sdpo: warning at step {step}: {message}")
+                metrics.update(self.health.counters)
                 if step % run.logging_steps == 0:
                     self._log(step, metrics)
                 # samples.jsonl from this process's first step on, then every sample_log_steps
                 first = not self._samples_written
-                if (first or step % run.sample_log_steps == 0) and hasattr(self, "_last_rollouts"):
+                if (first or step % run.sample_log_steps == 0) and self.last_rollouts is not None:
                     self._samples_written = True
-                    self.log.samples(self.global_step, self._last_rollouts, self._last_contexts)
+                    self.log.samples(self.global_step, self.last_rollouts, self.last_contexts)
                 if run.eval_steps and step % run.eval_steps == 0 and step < run.max_steps:
                     self.last_eval = self.evaluate()
                 if step % run.save_steps == 0 or step == run.max_steps:
@@ -499,19 +507,6 @@ class SDPOTrainer:
                         reward=f"{metrics.get('reward', float('nan')):.3f}",
                         distill=f"{metrics.get('self_distillation/distillation_loss', 0.0):.4f}",
                     )
-        finally:
-            if bar is not None:
-                bar.close()
-
-    def _check_health(self, step: int, metrics: dict[str, float], bar: Any) -> None:
-        """Print the health warnings due at this step (sdpo.health); log their counters."""
-        for message in self.health.update(step, metrics):
-            text = f"sdpo: warning at step {step}: {message}"
-            if bar is not None:
-                bar.write(text, file=sys.stderr)
-            else:
-                print(text, file=sys.stderr)
-        metrics.update(self.health.counters)
 
     # ----- saving -----------------------------------------------------------------------------
 
@@ -522,16 +517,10 @@ class SDPOTrainer:
         Under ``distributed.strategy=fsdp`` every rank must call it (the shards are gathered, a
         collective); rank 0 writes."""
         out = Path(output_dir) if output_dir is not None else self.run_dir / "final"
-        full = self.runtime.full_state_dict(self.policy.model) if self.runtime.lockstep else None
-        if self.runtime.is_main:
-            card = model_card(
-                self.config,
-                self.global_step,
-                getattr(self, "first_eval", {}),
-                getattr(self, "last_eval", {}),
-            )
-            save_pretrained_dir(self.policy, out, self.config.generation, card, full)
-        return out
+        first, last = getattr(self, "first_eval", {}), getattr(self, "last_eval", {})
+        return self.checkpointer.save_final(
+            out, model_card(self.config, self.global_step, first, last)
+        )
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoint-{step}`` atomically under the run directory (:mod:`sdpo.checkpointer`).
@@ -543,7 +532,7 @@ class SDPOTrainer:
             "global_step": self.global_step,
             "counters": self.counters,
             "nonfinite_in_row": self._nonfinite_in_row,
-            "first_eval": getattr(self, "first_eval", {}),  # the "before" of a resumed run
+            "first_eval": self.first_eval,  # the "before" of a resumed run
         }
         if self.teacher.gate is not None:
             state["teacher_gate"] = self.teacher.gate.state_dict()
@@ -569,22 +558,6 @@ class SDPOTrainer:
         if "success_memory" in state:
             self.reprompter.load_state_dict(state["success_memory"])
         self.generator.sync_weights()
-        if self.runtime.is_main:
-            print(
-                f"sdpo: resumed from checkpoint-{self.global_step:06d} at step {self.global_step}",
-                file=sys.stderr,
-            )
-
-
-def _progress(run: Any, start: int) -> Any:
-    if not run.progress_bar:
-        return None
-    return Progress(run.max_steps, "sdpo", initial=start, unit="steps")
-
-
-def _eval_progress(config: SDPOConfig, num_prompts: int, is_main: bool) -> Progress | None:
-    """Greedy (one per prompt) plus sampled completions, counted as they are generated."""
-    if not (config.run.progress_bar and is_main):
-        return None
-    total = num_prompts * (1 + config.run.eval_num_samples)
-    return Progress(total, "eval", unit="completions")
+        self.log.say(
+            f"sdpo: resumed from checkpoint-{self.global_step:06d} at step {self.global_step}"
+        )
