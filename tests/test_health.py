@@ -14,6 +14,7 @@ from sdpo.config import HealthConfig
 from sdpo.health import WARNINGS, HealthMonitor
 
 DOCS_RUNS = Path(__file__).resolve().parents[1] / "docs" / "quickstart"
+STUDY = Path(__file__).resolve().parents[1] / "docs" / "study" / "study.json"
 
 HEALTHY = {
     "reward": 0.5,
@@ -59,7 +60,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", WARNINGS)
+@pytest.mark.parametrize("name", [w for w in WARNINGS if w != "heldout_drop"])  # per evaluation
 def test_each_warning_fires_on_its_constructed_stream_and_only_it(name):
     config = HealthConfig(window=5, warning_interval=20)
     monitor = HealthMonitor(config)
@@ -110,6 +111,10 @@ def test_no_warning_fires_in_the_quickstart_runs(run):
     assert len(steps) == config.run.max_steps
     for r in steps:
         assert monitor.update(r["step"], r) == [], r["step"]
+    evals = [r for r in records if "eval/accuracy_greedy" in r]
+    assert len(evals) >= 3
+    for r in evals:
+        assert monitor.evaluation(r["step"], r) == [], r["step"]
 
 
 def test_a_run_that_cannot_succeed_warns_and_logs_counters(tmp_path, capsys):
@@ -214,3 +219,91 @@ def test_low_teacher_kl_reads_the_divergence_not_the_signed_estimate():
     assert reported(HealthMonitor(HealthConfig(window=5)), signed) == set()
     quiet = stream(30, **{"self_distillation/divergence_mean": 1e-5})
     assert reported(HealthMonitor(HealthConfig(window=5)), quiet) == {"low_teacher_kl"}
+
+
+# ----- held-out accuracy at each evaluation (audit R3: the real collapse) ---------------------
+
+
+def heldout_warnings(curve: list[dict], prompts: int, samples: int = 1) -> list[int]:
+    """The steps at which heldout_drop fires over a recorded evaluation curve."""
+    monitor = HealthMonitor(HealthConfig(warning_interval=1))
+    fired = []
+    for point in curve:
+        metrics = {
+            "eval/accuracy_greedy": point["greedy"],
+            "eval/accuracy_sampled": point["sampled"],
+            "eval/num_prompts": prompts,
+            "eval/num_samples": samples,
+        }
+        if monitor.evaluation(point["step"], metrics):
+            fired.append(point["step"])
+    assert monitor.counters["health/heldout_drop"] == len(fired)
+    return fired
+
+
+@pytest.mark.parametrize("arm", ["pure_sdpo", "grpo", "sdpo"])
+def test_heldout_drop_catches_the_studys_real_collapse_and_only_it(arm):
+    """docs/study's real runs (arithmetic_hard, 3 seeds, 150 steps, 200 held-out prompts x 1
+    sample): pure SDPO with the EMA teacher at beta = 0.05 peaks and falls in every seed (the
+    rolling training reward barely moved); GRPO and SDPO + PG dip by noise only."""
+    study = json.loads(STUDY.read_text())
+    prompts = int(study["args"]["eval_prompts"])
+    fired = [heldout_warnings(c, prompts) for c in study["training"][arm]["curves"]]
+    if arm == "pure_sdpo":
+        assert all(fired), fired  # every seed's collapse is caught
+        assert fired[1][0] == 100  # seed 1: the first evaluation after its peak
+    else:
+        assert fired == [[], [], []]
+
+
+def test_heldout_drop_needs_more_than_binomial_noise_and_defaults_default():
+    # 32 prompts: 0.5 -> 0.375 is 25% down but about 1 standard error (0.12): not a collapse.
+    small = [
+        {"step": 0, "greedy": 0.5, "sampled": 0.5},
+        {"step": 10, "greedy": 0.375, "sampled": 0.5},
+    ]
+    assert heldout_warnings(small, prompts=32) == []
+    # the same drop over 1,000 prompts is about 6 standard errors.
+    assert heldout_warnings(small, prompts=1000) == [10]
+    # sampled accuracy counts prompts x samples completions.
+    sampled = [
+        {"step": 0, "greedy": 0.5, "sampled": 0.5},
+        {"step": 10, "greedy": 0.5, "sampled": 0.4},
+    ]
+    assert heldout_warnings(sampled, prompts=50, samples=1) == []
+    assert heldout_warnings(sampled, prompts=50, samples=8) == [10]
+    monitor = HealthMonitor(HealthConfig(enabled=False))
+    assert monitor.evaluation(1, {"eval/accuracy_greedy": 0.0, "eval/num_prompts": 10}) == []
+
+
+def test_a_training_run_prints_heldout_drop_from_its_evaluations(tmp_path, capsys, monkeypatch):
+    """The trainer feeds every evaluation to the monitor: a run whose held-out accuracy falls
+    (a reward that pays at step 0 and not after) prints the warning once."""
+    model, tok = make_tiny_llama()
+
+    def falling(prompts, completions, **kw):
+        state = kw.get("trainer_state")
+        paid = state is not None and state.global_step == 0
+        return [1.0 if paid else 0.0] * len(completions)
+
+    config = SDPOConfig(
+        num_samples_per_prompt=2,
+        generation__max_new_tokens=3,
+        optimization__prompts_per_step=2,
+        run__max_steps=2,
+        run__eval_steps=1,
+        run__output_dir=str(tmp_path / "run"),
+        run__progress_bar=False,
+    )
+    rows = [{"prompt": f"Q: {i}+1="} for i in range(40)]
+    trainer = SDPOTrainer(
+        config=config,
+        policy_model=PolicyModel(model=model, tokenizer=tok),
+        reward_model=falling,
+        train_dataloader=rows,
+        eval_dataloader=rows,
+    )
+    trainer.train()
+    err = capsys.readouterr().err
+    assert "sdpo: warning at step 1: [heldout_drop] held-out accuracy falling: greedy 0.000" in err
+    assert err.count("[heldout_drop]") == 1  # once per warning_interval

@@ -22,6 +22,11 @@
   ``reward_drop`` of that best *and* by more than ``reward_drop_z`` standard errors of the
   difference (the step-to-step noise, from successive differences, times sqrt(2 / N)): a
   relative drop that the noise of small batches does not explain;
+- ``heldout_drop`` (read at each evaluation, :meth:`HealthMonitor.evaluation`): greedy or sampled
+  held-out accuracy below its best evaluation so far by more than the fraction ``reward_drop`` of
+  that best *and* by more than ``heldout_drop_z`` binomial standard errors of the difference: the
+  collapse that a rolling training reward can miss (pure SDPO with a fast EMA teacher on
+  ``arithmetic_hard``: docs/study);
 - ``copy_rate_rising``: the N-step mean ``self_distillation/copy_rate`` more than ``copy_rate_rise``
   above its lowest N-step mean (privileged-context leakage; docs/method.md);
 - ``teacher_stale``: the gated teacher's ``teacher/age`` at least ``teacher_max_age`` steps;
@@ -46,6 +51,7 @@ WARNINGS = (
     "zero_grad_norm",
     "length_collapse",
     "reward_drop",
+    "heldout_drop",
     "copy_rate_rising",
     "teacher_stale",
     "teacher_accuracy_drop",
@@ -80,6 +86,7 @@ class HealthMonitor:
         self._last_reported: dict[str, int] = {}
         self._n = n
         self.counters = {f"health/{name}": 0 for name in WARNINGS}
+        self._eval_best: dict[str, tuple[float, int]] = {}  # key -> (best accuracy, its n)
 
     def update(self, step: int, metrics: dict[str, Any]) -> list[str]:
         """Feed one step's metrics; return the messages of warnings due at this step."""
@@ -187,7 +194,55 @@ class HealthMonitor:
         )
 
         checks.extend(self._variant_checks(metrics))
+        return self._report(step, checks)
 
+    def evaluation(self, step: int, metrics: dict[str, Any]) -> list[str]:
+        """Feed one evaluation's metrics (``eval/accuracy_greedy``, ``eval/accuracy_sampled``,
+        ``eval/num_prompts``, ``eval/num_samples``); return the ``heldout_drop`` warning if due.
+
+        For an accuracy ``p`` over ``n`` completions (``n`` = prompts for greedy, prompts x samples
+        for sampled) against the best evaluation so far ``(p_b, n_b)``: warn when
+        ``p_b - p > reward_drop * p_b`` and ``p_b - p > heldout_drop_z * sqrt(p_b(1 - p_b)/n_b +
+        p(1 - p)/n)``, each ``p`` smoothed to ``(p n + 1) / (n + 2)`` so that 1.0 -> 0.0 has a
+        nonzero error. The unpaired binomial error is conservative: the same prompts make the two
+        evaluations positively correlated.
+        """
+        if not self.config.enabled:
+            return []
+        cfg = self.config
+        prompts = int(metrics.get("eval/num_prompts", 0) or 0)
+        drops = []
+        for key, n in (
+            ("greedy", prompts),
+            ("sampled", prompts * int(metrics.get("eval/num_samples", 0) or 0)),
+        ):
+            p = metrics.get(f"eval/accuracy_{key}")
+            if not isinstance(p, (int, float)) or p != p or n <= 0:
+                continue
+            best, n_best = self._eval_best.get(key, (p, n))
+            if p >= best:
+                self._eval_best[key] = (p, n)
+                continue
+            se = (_binomial_var(best, n_best) + _binomial_var(p, n)) ** 0.5
+            gap = best - p
+            if gap > cfg.reward_drop * best and gap > cfg.heldout_drop_z * se:
+                drops.append(
+                    f"{key} {p:.3f}, {gap:.3f} ({gap / best:.0%}, {gap / se:.1f} s.e.) "
+                    f"below its best {best:.3f}"
+                )
+
+        def message() -> str:
+            return (
+                f"held-out accuracy falling: {'; '.join(drops)}; possible collapse: lower the "
+                "learning rate, use a slower teacher (self_distillation.teacher_update_rate, or "
+                "teacher=gated), or resume from an earlier checkpoint."
+            )
+
+        return self._report(step, [("heldout_drop", bool(drops), message)])
+
+    def _report(self, step: int, checks: list[tuple[str, bool, Callable[[], str]]]) -> list[str]:
+        """The messages of the fired checks not reported within ``warning_interval``; counted."""
+        cfg = self.config
         messages = []
         for name, fired, message in checks:
             if not fired:
@@ -300,3 +355,9 @@ class HealthMonitor:
         mean = sum(history) / len(history)
         self._best[key] = better(self._best.get(key, mean), mean)
         return mean, self._best[key]
+
+
+def _binomial_var(p: float, n: int) -> float:
+    """Variance of an accuracy over ``n`` completions, ``p`` smoothed as ``(p n + 1) / (n + 2)``."""
+    q = (p * n + 1) / (n + 2)
+    return q * (1 - q) / n

@@ -418,6 +418,8 @@ class SDPOTrainer:
                 reward_timeout_s=cfg.data.reward_timeout_s,
             )
         metrics = {f"eval/{k}": v for k, v in result.metrics.items()}
+        for message in self.health.evaluation(self.global_step, metrics):  # sdpo.health
+            self.log.say(f"sdpo: warning at step {self.global_step}: {message}")
         self._log(self.global_step, metrics)
         self.callbacks.fire("on_evaluate", self, metrics)
         return metrics

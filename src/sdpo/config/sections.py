@@ -510,6 +510,11 @@ class HealthConfig:
         "reward_drop also needs the drop to exceed this many standard errors (the step-to-step reward noise, from successive differences, times sqrt(2 / N)).",
         min=0.0,
     )
+    heldout_drop_z: float = _f(
+        2.0,
+        "heldout_drop (at each evaluation) also needs the held-out accuracy's drop below its best to exceed this many binomial standard errors.",
+        min=0.0,
+    )
     copy_rate_rise: float = _f(
         0.2,
         "Warn when the N-step mean self_distillation/copy_rate rises more than this above its lowest.",
