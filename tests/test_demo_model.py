@@ -88,6 +88,7 @@ def test_feedback_prompt_is_the_trainers_feedback_only_teacher_context():
     assert "115 is too small. Its last digit is right." in contexts[0].prompt
 
 
+@pytest.mark.slow  # ~19 s of CPU: 200 greedy + 4 x ~60 sampled completions
 def test_model_reads_feedback_on_its_own_mistakes(demo):
     # Retrying its own wrong greedy answers: with the feedback in the teacher context the model
     # (greedy) is right far more often than a fresh plain attempt (sampled, 4 per question).
