@@ -93,13 +93,22 @@ def make_trainer(
     eval_rows=None,
     policy=None,
     defaults=TRAINER_DEFAULTS,
+    config=None,
+    bind=None,
     **overrides,
 ):
     """The one trainer factory of the suite: a tiny Llama (seed 0) unless ``policy`` is given;
-    ``defaults`` (a test module's own base settings) updated by ``overrides``; output in ``run_dir``."""
+    ``defaults`` (a test module's own base settings) updated by ``overrides``, or a ready ``config``
+    (a preset's); output in ``run_dir``. ``bind``: a shared engine's ``bind(policy, generation)``,
+    whose backend the trainer samples with."""
     from sdpo import PolicyModel, SDPOConfig, SDPOTrainer
 
-    config = SDPOConfig(**{**defaults, "run__output_dir": str(run_dir), **overrides})
+    if config is None:
+        config = SDPOConfig(**{**defaults, "run__output_dir": str(run_dir), **overrides})
+    elif overrides:
+        raise TypeError(f"make_trainer: set {sorted(overrides)} on the ready config instead")
+    else:
+        config.set("run.output_dir", str(run_dir))
     if policy is None:
         model, tok = make_tiny_llama()
         policy = PolicyModel(model=model, tokenizer=tok)
@@ -109,6 +118,7 @@ def make_trainer(
         reward_model=reward,
         train_dataloader=rows,
         eval_dataloader=eval_rows,
+        generation_backend=bind(policy, config.generation) if bind else None,
     )
 
 
