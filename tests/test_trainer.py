@@ -11,6 +11,7 @@ from conftest import (
     ROWS,
     TRAINER_DEFAULTS,
     make_tiny_llama,
+    make_trainer,
     one_success_per_group,
     parity_reward,
     scored_batch,
@@ -20,20 +21,15 @@ from sdpo import PolicyModel, SDPOConfig, SDPOTrainer
 from sdpo.reward_model import RewardOutput
 
 
-def make_config(tmp_path, **overrides) -> SDPOConfig:
-    return SDPOConfig(**{**TRAINER_DEFAULTS, "run__output_dir": str(tmp_path / "run"), **overrides})
-
-
 def test_train_writes_metrics_samples_checkpoints_and_changes_weights(tmp_path, tiny_llama):
     model, tok = tiny_llama
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    config = make_config(tmp_path, run__save_steps=1, run__save_total_limit=1)
-    trainer = SDPOTrainer(
-        config=config,
-        policy_model=PolicyModel(model=model, tokenizer=tok),
-        reward_model=parity_reward,
-        train_dataloader=ROWS,
-        eval_dataloader=ROWS[:4],
+    trainer = make_trainer(
+        tmp_path / "run",
+        eval_rows=ROWS[:4],
+        policy=PolicyModel(model=model, tokenizer=tok),
+        run__save_steps=1,
+        run__save_total_limit=1,
     )
     final = trainer.train()
     assert "eval/accuracy_greedy" in final and "eval/accuracy_sampled" in final
@@ -77,19 +73,14 @@ def _grads(model):
 
 @pytest.mark.parametrize("teacher", ["ema", "live", "frozen", "trust_region"])
 def test_gradients_do_not_depend_on_micro_batch_size(tmp_path, teacher):
-    model, tok = make_tiny_llama()
-    config = make_config(
-        tmp_path,
+    trainer = make_trainer(
+        tmp_path / "run",
+        reward=one_success_per_group,
         self_distillation__teacher=teacher,
         self_distillation__distillation_topk=5,
         policy_gradient__loss_aggregation="sequence_mean",
     )
-    trainer = SDPOTrainer(
-        config=config,
-        policy_model=PolicyModel(model=model, tokenizer=tok),
-        reward_model=one_success_per_group,
-        train_dataloader=ROWS,
-    )
+    model = trainer.policy.model
     rollouts, contexts = scored_batch(trainer)
     assert any(c is not None for c in contexts) and any(c is None for c in contexts)
     prepared = trainer.loss.prepare(rollouts, contexts)
@@ -109,19 +100,15 @@ def test_gradients_do_not_depend_on_micro_batch_size(tmp_path, teacher):
 
 
 def test_ema_teacher_moves_toward_student_and_frozen_stays(tmp_path):
-    model, tok = make_tiny_llama()
-    config = make_config(
-        tmp_path, self_distillation__teacher_update_rate=0.5, run__max_steps=1, run__save_steps=100
-    )
-    trainer = SDPOTrainer(
-        config=config,
-        policy_model=PolicyModel(model=model, tokenizer=tok),
-        reward_model=parity_reward,
-        train_dataloader=ROWS,
+    trainer = make_trainer(
+        tmp_path / "run",
+        self_distillation__teacher_update_rate=0.5,
+        run__max_steps=1,
+        run__save_steps=100,
     )
     initial = {k: v.clone() for k, v in trainer.teacher.copy.state_dict().items()}
     trainer.step()
-    student = model.state_dict()
+    student = trainer.policy.model.state_dict()
     for name, value in trainer.teacher.copy.state_dict().items():
         torch.testing.assert_close(value, 0.5 * initial[name] + 0.5 * student[name])
 
@@ -129,35 +116,22 @@ def test_ema_teacher_moves_toward_student_and_frozen_stays(tmp_path):
 def test_reference_model_only_loaded_when_needed(tmp_path, tiny_llama):
     model, tok = tiny_llama
     policy = PolicyModel(model=model, tokenizer=tok)
-    no_kl = SDPOTrainer(
-        config=make_config(tmp_path, kl_penalty_weight=0.0, teacher="live"),
-        policy_model=policy,
-        reward_model=parity_reward,
-        train_dataloader=ROWS,
-    )
+    no_kl = make_trainer(tmp_path / "run", policy=policy, kl_penalty_weight=0.0, teacher="live")
     assert no_kl.reference is None and no_kl.teacher.copy is None
-    with_kl = SDPOTrainer(
-        config=make_config(tmp_path, kl_penalty_weight=0.1, teacher="frozen"),
-        policy_model=policy,
-        reward_model=parity_reward,
-        train_dataloader=ROWS,
-    )
+    with_kl = make_trainer(tmp_path / "run", policy=policy, kl_penalty_weight=0.1, teacher="frozen")
     assert (
         with_kl.reference is not None and with_kl.teacher.weights is with_kl.reference
     )  # one shared copy
 
 
-def test_a_run_without_distillation_keeps_no_teacher_copy(tmp_path, tiny_llama):
+def test_a_run_without_distillation_keeps_no_teacher_copy(tmp_path):
     """GRPO (distillation_weight=0) with the default EMA teacher: no copy in memory or on disk."""
-    model, tok = tiny_llama
-    config = make_config(
-        tmp_path, distillation_weight=0.0, teacher="ema", kl_penalty_weight=0.0, run__save_steps=2
-    )
-    trainer = SDPOTrainer(
-        config=config,
-        policy_model=PolicyModel(model=model, tokenizer=tok),
-        reward_model=parity_reward,
-        train_dataloader=ROWS,
+    trainer = make_trainer(
+        tmp_path / "run",
+        distillation_weight=0.0,
+        teacher="ema",
+        kl_penalty_weight=0.0,
+        run__save_steps=2,
     )
     assert trainer.teacher.copy is None
     trainer.train()
@@ -167,19 +141,14 @@ def test_a_run_without_distillation_keeps_no_teacher_copy(tmp_path, tiny_llama):
 
 def test_gpt2_and_token_level_and_updates_per_batch(tmp_path, tiny_gpt2):
     model, tok = tiny_gpt2
-    config = make_config(
-        tmp_path,
+    trainer = make_trainer(
+        tmp_path / "run",
+        policy=PolicyModel(model=model, tokenizer=tok),
         alpha=1.0,
         distillation_level="token",
         updates_per_batch=2,
         lr_scheduler="cosine",
         warmup_steps=1,
-    )
-    trainer = SDPOTrainer(
-        config=config,
-        policy_model=PolicyModel(model=model, tokenizer=tok),
-        reward_model=parity_reward,
-        train_dataloader=ROWS,
     )
     metrics = trainer.step()
     assert torch.isfinite(torch.tensor(metrics["loss"]))
@@ -187,9 +156,7 @@ def test_gpt2_and_token_level_and_updates_per_batch(tmp_path, tiny_gpt2):
     assert trainer.scheduler.last_epoch == 2
 
 
-def test_feedback_from_reward_model_reaches_teacher_prompt(tmp_path, tiny_llama):
-    model, tok = tiny_llama
-
+def test_feedback_from_reward_model_reaches_teacher_prompt(tmp_path):
     class Feedbacky:
         name = "feedbacky"
 
@@ -198,31 +165,19 @@ def test_feedback_from_reward_model_reaches_teacher_prompt(tmp_path, tiny_llama)
                 RewardOutput(0.0, feedback=f"error in attempt {i}") for i in range(len(completions))
             ]
 
-    config = make_config(tmp_path, run__max_steps=1)
-    trainer = SDPOTrainer(
-        config=config,
-        policy_model=PolicyModel(model=model, tokenizer=tok),
-        reward_model=Feedbacky(),
-        train_dataloader=ROWS,
-    )
+    trainer = make_trainer(tmp_path / "run", reward=Feedbacky(), run__max_steps=1)
     trainer.step()
     contexts = trainer.last_contexts
     assert all(c is not None and c.used_feedback for c in contexts)
     assert "error in attempt 3" in contexts[3].prompt
 
 
-def test_nonfinite_loss_skips_then_stops(tmp_path, tiny_llama, monkeypatch):
+def test_nonfinite_loss_skips_then_stops(tmp_path, monkeypatch):
     import sdpo.loss as loss_module
     from sdpo.trainer import NonFiniteLossError
 
-    model, tok = tiny_llama
-    config = make_config(tmp_path, run__max_steps=5, run__max_consecutive_nonfinite=2)
-    trainer = SDPOTrainer(
-        config=config,
-        policy_model=PolicyModel(model=model, tokenizer=tok),
-        reward_model=parity_reward,
-        train_dataloader=ROWS,
-    )
+    trainer = make_trainer(tmp_path / "run", run__max_steps=5, run__max_consecutive_nonfinite=2)
+    model = trainer.policy.model
     real = loss_module.policy_terms
 
     def poisoned(*args, **kwargs):  # NaN reaches the loss through the real computation
@@ -242,16 +197,9 @@ def test_nonfinite_loss_skips_then_stops(tmp_path, tiny_llama, monkeypatch):
         trainer.step()
 
 
-def test_long_prompts_are_skipped_and_counted(tmp_path, tiny_llama):
-    model, tok = tiny_llama
+def test_long_prompts_are_skipped_and_counted(tmp_path):
     rows = [{"prompt": "x" * 50}, {"prompt": "short"}]
-    config = make_config(tmp_path, max_prompt_length=20, run__max_steps=1)
-    trainer = SDPOTrainer(
-        config=config,
-        policy_model=PolicyModel(model=model, tokenizer=tok),
-        reward_model=parity_reward,
-        train_dataloader=rows,
-    )
+    trainer = make_trainer(tmp_path / "run", rows=rows, max_prompt_length=20, run__max_steps=1)
     metrics = trainer.step()
     assert metrics["skipped_long_prompts"] == 1
     assert len(trainer.last_rollouts) == 4
@@ -261,7 +209,7 @@ def test_dataset_without_prompt_column_says_which_columns_it_found(tmp_path, tin
     model, tok = tiny_llama
     with pytest.raises(KeyError, match=r"no 'prompt' column.*\['answer', 'question'\]"):
         SDPOTrainer(
-            config=make_config(tmp_path),
+            config=SDPOConfig(**TRAINER_DEFAULTS, run__output_dir=str(tmp_path / "run")),
             policy_model=PolicyModel(model=model, tokenizer=tok),
             reward_model=parity_reward,
             train_dataloader=[{"question": "1+1", "answer": "2"}],
@@ -276,12 +224,7 @@ def test_jsonl_and_dataloader_sources(tmp_path, tiny_llama):
     path.write_text("\n".join(json.dumps(r) for r in ROWS))
     policy = PolicyModel(model=model, tokenizer=tok)
     for source in (str(path), DataLoader(ROWS, batch_size=2, shuffle=False)):
-        trainer = SDPOTrainer(
-            config=make_config(tmp_path, run__max_steps=1),
-            policy_model=policy,
-            reward_model=parity_reward,
-            train_dataloader=source,
-        )
+        trainer = make_trainer(tmp_path / "run", rows=source, policy=policy, run__max_steps=1)
         trainer.step()
         assert len(trainer.last_rollouts) == 8
         assert trainer.last_rollouts.rows[0]["answer"] in {r["answer"] for r in ROWS}
@@ -330,17 +273,13 @@ def test_pure_sdpo_step_without_any_teacher_context_is_a_no_op_not_a_crash(tmp_p
     # no term has a gradient; the step must pass without touching the weights.
     model, tok = tiny_llama
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    config = make_config(
-        tmp_path,
+    trainer = make_trainer(
+        tmp_path / "run",
+        reward=lambda prompts, completions, **kw: [0.0] * len(completions),
+        policy=PolicyModel(model=model, tokenizer=tok),
         policy_gradient__pg_loss_weight=0.0,
         policy_gradient__kl_penalty_weight=0.0,
         optimization__weight_decay=0.0,
-    )
-    trainer = SDPOTrainer(
-        config=config,
-        policy_model=PolicyModel(model=model, tokenizer=tok),
-        reward_model=lambda prompts, completions, **kw: [0.0] * len(completions),
-        train_dataloader=ROWS,
     )
     metrics = trainer.step()
     assert metrics["grad_norm"] == 0.0
@@ -354,14 +293,12 @@ def test_dr_grpo_divides_by_the_generation_budget_not_the_batch_width(tmp_path):
     same rollouts with 20 empty columns must not change the gradient (it changed it ~4x)."""
     import dataclasses
 
-    model, tok = make_tiny_llama()
-    config = make_config(tmp_path, policy_gradient__loss_aggregation="dr_grpo")
-    trainer = SDPOTrainer(
-        config=config,
-        policy_model=PolicyModel(model=model, tokenizer=tok),
-        reward_model=one_success_per_group,
-        train_dataloader=ROWS,
+    trainer = make_trainer(
+        tmp_path / "run",
+        reward=one_success_per_group,
+        policy_gradient__loss_aggregation="dr_grpo",
     )
+    model, tok, config = trainer.policy.model, trainer.policy.tokenizer, trainer.config
     rollouts, contexts = scored_batch(trainer)
     pad = torch.full((len(rollouts), 20), tok.pad_token_id, dtype=torch.long)
     padded = dataclasses.replace(
@@ -386,14 +323,8 @@ def test_nonfinite_gradient_with_finite_loss_is_skipped_and_counted(tmp_path, mo
     import sdpo.loss as loss_module
     from sdpo.trainer import NonFiniteLossError
 
-    model, tok = make_tiny_llama()
-    config = make_config(tmp_path, run__max_steps=5, run__max_consecutive_nonfinite=2)
-    trainer = SDPOTrainer(
-        config=config,
-        policy_model=PolicyModel(model=model, tokenizer=tok),
-        reward_model=parity_reward,
-        train_dataloader=ROWS,
-    )
+    trainer = make_trainer(tmp_path / "run", run__max_steps=5, run__max_consecutive_nonfinite=2)
+    model = trainer.policy.model
     real = loss_module.policy_terms
 
     def poison_row(grad):
@@ -432,9 +363,13 @@ def test_cpu_threads_default_to_one_for_small_models(tmp_path, tiny_llama):
     policy = PolicyModel(model=model, tokenizer=tok)
     try:
         torch.set_num_threads(2)
-        SDPOTrainer(make_config(tmp_path), policy, parity_reward, ROWS)
+        # direct and positional (the seed API): the constructor itself sets the thread count
+        config = SDPOConfig(**TRAINER_DEFAULTS, run__output_dir=str(tmp_path / "run"))
+        SDPOTrainer(config, policy, parity_reward, ROWS)
         assert torch.get_num_threads() == 1
-        config = make_config(tmp_path, run__num_threads=2, run__output_dir=str(tmp_path / "r2"))
+        config = SDPOConfig(
+            **TRAINER_DEFAULTS, run__num_threads=2, run__output_dir=str(tmp_path / "r2")
+        )
         SDPOTrainer(config, policy, parity_reward, ROWS)
         assert torch.get_num_threads() == 2
     finally:
