@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 import torch
-from conftest import make_tiny_llama
+from conftest import make_trainer
 
-from sdpo import PolicyModel, SDPOConfig, SDPOTrainer
 from sdpo.cli import main
 from sdpo.policy_model import RolloutBatch
 from sdpo.tasks.code import load, reward_model
@@ -23,15 +22,13 @@ def test_runtime_error_and_failing_case_reach_the_teacher_prompt(tmp_path):
         "```python\nprint(undefined_name)\n```",  # runtime error
         "```python\nimport sys\nprint(sys.stdin.read())\n```",  # wrong output
     ]
-    model, tok = make_tiny_llama()
-    config = SDPOConfig(
-        num_samples_per_prompt=2, run__output_dir=str(tmp_path), run__progress_bar=False
-    )
-    trainer = SDPOTrainer(
-        config=config,
-        policy_model=PolicyModel(model=model, tokenizer=tok),
-        reward_model=reward_model(),
-        train_dataloader=[row],
+    trainer = make_trainer(
+        tmp_path,
+        reward=reward_model(),
+        rows=[row],
+        defaults={},
+        num_samples_per_prompt=2,
+        run__progress_bar=False,
     )
     empty = torch.zeros(2, 1, dtype=torch.long)
     rollouts = RolloutBatch(

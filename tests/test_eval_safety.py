@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, make_trainer, parity_reward
 
 from sdpo import PolicyModel, SDPOConfig, SDPOTrainer
 from sdpo import checkpoint as ckpt
@@ -27,8 +27,11 @@ EVAL = ["--samples", "1", "--max-prompts", "2"]
 def trained(tmp_path_factory) -> Path:
     """A one-step run with checkpoint-000001 and final/ (shared: copy before changing)."""
     run = tmp_path_factory.mktemp("eval-safety") / "run"
-    model, tok = make_tiny_llama()
-    config = SDPOConfig(
+    make_trainer(
+        run,
+        reward=task_reward_model("arithmetic"),
+        rows=ROWS,
+        defaults={},
         data__task="arithmetic",
         generation__max_new_tokens=3,
         optimization__prompts_per_step=2,
@@ -36,14 +39,7 @@ def trained(tmp_path_factory) -> Path:
         run__save_steps=1,
         run__eval_max_prompts=1,
         run__eval_num_samples=1,
-        run__output_dir=str(run),
         run__progress_bar=False,
-    )
-    SDPOTrainer(
-        config=config,
-        policy_model=PolicyModel(model=model, tokenizer=tok),
-        reward_model=task_reward_model("arithmetic"),
-        train_dataloader=ROWS,
     ).train()
     return run
 
@@ -161,20 +157,17 @@ def test_the_trainer_step_0_evaluation_applies_the_reward_timeout(tmp_path):
         time.sleep(60)
         return [0.0] * len(completions)
 
-    config = SDPOConfig(
+    trainer = make_trainer(
+        tmp_path / "run",
+        reward=hangs,
+        rows=ROWS,
+        eval_rows=ROWS[:1],
+        defaults={},
         generation__max_new_tokens=2,
         optimization__prompts_per_step=1,
         data__reward_timeout_s=0.5,
         run__max_steps=1,
-        run__output_dir=str(tmp_path / "run"),
         run__progress_bar=False,
-    )
-    trainer = SDPOTrainer(
-        config=config,
-        policy_model=_policy(),
-        reward_model=hangs,
-        train_dataloader=ROWS,
-        eval_dataloader=ROWS[:1],
     )
     start = time.monotonic()
     with pytest.raises(RewardTimeoutError):
@@ -226,8 +219,6 @@ def test_eval_output_directory_is_refused_before_evaluating(run, tmp_path, capsy
 
 def _lora_trainer(tmp_path: Path) -> SDPOTrainer:
     """A one-step LoRA run (r = 4) in ``tmp_path/run``, checkpointed at step 1."""
-    from conftest import make_trainer, parity_reward
-
     return make_trainer(
         tmp_path / "run",
         reward=parity_reward,

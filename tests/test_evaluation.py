@@ -8,9 +8,8 @@ import math
 from fractions import Fraction
 
 import pytest
-from conftest import make_tiny_llama
+from conftest import make_trainer
 
-from sdpo import PolicyModel, SDPOConfig, SDPOTrainer
 from sdpo.cli import main
 from sdpo.evaluation import (
     majority_vote_accuracy,
@@ -177,25 +176,21 @@ def test_sdpo_eval_baseline_is_paired_on_the_same_samples(tmp_path, capsys):
 
 
 def test_sdpo_eval_reads_a_run_directory_policy_and_ema_teacher(tmp_path, capsys):
-    model, tok = make_tiny_llama()
-    config = SDPOConfig(
+    rows = [{"prompt": f"Q: {a}+11=", "answer": str(a + 11)} for a in range(10, 20)]
+    from sdpo.tasks import task_reward_model
+
+    make_trainer(
+        tmp_path / "run",
+        reward=task_reward_model("arithmetic"),
+        rows=rows,
+        defaults={},
         data__task="arithmetic",
         generation__max_new_tokens=4,
         optimization__prompts_per_step=2,
         optimization__learning_rate=1e-2,
         run__max_steps=2,
         run__save_steps=1,
-        run__output_dir=str(tmp_path / "run"),
         run__progress_bar=False,
-    )
-    rows = [{"prompt": f"Q: {a}+11=", "answer": str(a + 11)} for a in range(10, 20)]
-    from sdpo.tasks import task_reward_model
-
-    SDPOTrainer(
-        config=config,
-        policy_model=PolicyModel(model=model, tokenizer=tok),
-        reward_model=task_reward_model("arithmetic"),
-        train_dataloader=rows,
     ).train()
     run = tmp_path / "run"
     name, teacher, run_dir = resolve_model(str(run), teacher=True)

