@@ -14,9 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama
-
-from sdpo import PolicyModel, SDPOConfig, SDPOTrainer
+from conftest import make_tiny_llama, make_trainer
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
@@ -30,22 +28,27 @@ def zero_reward(prompts, completions, **columns):
 def test_multi_process_launch_without_a_strategy_stops_with_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    model, tok = make_tiny_llama()
-    config = SDPOConfig(run__output_dir=str(tmp_path), run__progress_bar=False)
     with pytest.raises(RuntimeError, match="distributed.strategy=none.*ddp.*fsdp"):
-        SDPOTrainer(config, PolicyModel(model=model, tokenizer=tok), zero_reward, [{"prompt": "a"}])
+        make_trainer(
+            tmp_path,
+            reward=zero_reward,
+            rows=[{"prompt": "a"}],
+            defaults={},
+            run__progress_bar=False,
+        )
 
 
 def test_prompts_per_step_must_split_over_the_processes(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
-    model, tok = make_tiny_llama()
-    config = SDPOConfig(
-        distributed__strategy="ddp",
-        optimization__prompts_per_step=8,
-        run__output_dir=str(tmp_path),
-    )
     with pytest.raises(ValueError, match="prompts_per_step=8 does not split over 3"):
-        SDPOTrainer(config, PolicyModel(model=model, tokenizer=tok), zero_reward, [{"prompt": "a"}])
+        make_trainer(
+            tmp_path,
+            reward=zero_reward,
+            rows=[{"prompt": "a"}],
+            defaults={},
+            distributed__strategy="ddp",
+            optimization__prompts_per_step=8,
+        )
 
 
 def _run(args: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
