@@ -275,29 +275,25 @@ def test_heldout_drop_needs_more_than_binomial_noise_and_defaults_default():
 def test_a_training_run_prints_heldout_drop_from_its_evaluations(tmp_path, capsys, monkeypatch):
     """The trainer feeds every evaluation to the monitor: a run whose held-out accuracy falls
     (a reward that pays at step 0 and not after) prints the warning once."""
-    model, tok = make_tiny_llama()
 
     def falling(prompts, completions, **kw):
         state = kw.get("trainer_state")
         paid = state is not None and state.global_step == 0
         return [1.0 if paid else 0.0] * len(completions)
 
-    config = SDPOConfig(
+    rows = [{"prompt": f"Q: {i}+1="} for i in range(40)]
+    trainer = make_trainer(
+        tmp_path / "run",
+        reward=falling,
+        rows=rows,
+        eval_rows=rows,
+        defaults={},
         num_samples_per_prompt=2,
         generation__max_new_tokens=3,
         optimization__prompts_per_step=2,
         run__max_steps=2,
         run__eval_steps=1,
-        run__output_dir=str(tmp_path / "run"),
         run__progress_bar=False,
-    )
-    rows = [{"prompt": f"Q: {i}+1="} for i in range(40)]
-    trainer = SDPOTrainer(
-        config=config,
-        policy_model=PolicyModel(model=model, tokenizer=tok),
-        reward_model=falling,
-        train_dataloader=rows,
-        eval_dataloader=rows,
     )
     trainer.train()
     err = capsys.readouterr().err
