@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from sdpo.cli import build_parser, load_config, main
+from sdpo.cli import build_parser, load_config, main, parse_args
 from sdpo.config import SDPOConfig
 
 
@@ -153,3 +153,23 @@ def test_trl_keys_that_mean_the_same_are_accepted():
     config = load_config(args)
     assert config.policy_gradient.kl_penalty_weight == 0.1
     assert config.num_samples_per_prompt == 8 and config.generation.max_new_tokens == 64
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "demo", "task=reversal", "--samples", "4", "run.seed=3"],
+        ["eval", "demo", "--samples", "4", "task=reversal", "run.seed=3"],
+        ["eval", "--samples", "4", "demo", "task=reversal", "run.seed=3"],
+    ],
+)
+def test_overrides_may_come_before_or_after_the_options(argv):
+    args, unknown = parse_args(argv)
+    assert unknown == []
+    assert args.model == "demo" and args.samples == 4
+    assert args.overrides == ["task=reversal", "run.seed=3"]
+
+
+def test_an_unknown_option_after_the_overrides_is_still_refused(capsys):
+    assert main(["eval", "demo", "--samples", "4", "task=reversal", "--bogus"]) == 2
+    assert "--bogus is not an option" in capsys.readouterr().err

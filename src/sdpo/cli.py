@@ -537,10 +537,24 @@ def unknown_option_hint(option: str) -> str:
     )
 
 
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """The parsed command line and what was not understood.
+
+    Config overrides may come before or after the options: argparse gives the ``key=value`` list
+    only the positionals before the first option, so those after one
+    (``sdpo eval MODEL --samples 4 task=reversal``) are taken back from the unknown ones.
+    """
+    args, unknown = build_parser().parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        late = [u for u in unknown if not u.startswith("-") and "=" in u]
+        args.overrides = [*(args.overrides or []), *late]
+        unknown = [u for u in unknown if u not in late]
+    return args, unknown
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
+    args, unknown = parse_args(argv)
     if unknown:
         print(f"sdpo: {unknown_option_hint(unknown[0])}", file=sys.stderr)
         return 2
