@@ -14,7 +14,8 @@ from sdpo.config import HealthConfig
 from sdpo.health import WARNINGS, HealthMonitor
 
 DOCS_RUNS = Path(__file__).resolve().parents[1] / "docs" / "quickstart"
-STUDY = Path(__file__).resolve().parents[1] / "docs" / "study" / "study.json"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+STUDY = DOCS / "study" / "study.json"
 
 HEALTHY = {
     "reward": 0.5,
@@ -299,3 +300,21 @@ def test_a_training_run_prints_heldout_drop_from_its_evaluations(tmp_path, capsy
     err = capsys.readouterr().err
     assert "sdpo: warning at step 1: [heldout_drop] held-out accuracy falling: greedy 0.000" in err
     assert err.count("[heldout_drop]") == 1  # once per warning_interval
+
+
+@pytest.mark.parametrize(
+    "run, collapsed",
+    [("sdpo_s0", True), ("sdpo_s1", True), ("grpo_s0", False), ("grpo_s1", False)],
+)
+def test_heldout_drop_on_the_smollm2_runs(run, collapsed):
+    """The SmolLM2 example's real runs (docs/examples/smollm2.md): SDPO's held-out greedy accuracy
+    fell from 0.219 to near 0 in 24 steps, too short for the rolling-reward check (window 20);
+    the end-of-run evaluation catches it. GRPO's rose: no warning."""
+    records = (DOCS / "examples" / "smollm2_runs" / run / "metrics.jsonl").read_text().splitlines()
+    monitor = HealthMonitor(HealthConfig())
+    fired = [
+        r["step"]
+        for r in map(json.loads, records)
+        if "eval/accuracy_greedy" in r and monitor.evaluation(r["step"], r)
+    ]
+    assert fired == ([24] if collapsed else [])
