@@ -61,7 +61,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=LISTPROG_MODEL_DIR, help="Where to save.")
     p.add_argument("--seed", type=int, default=0, help="Seed of initialization, data, sampling.")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: deterministic).")
-    p.add_argument("--steps", type=int, default=2200, help="Optimizer steps.")
+    p.add_argument("--steps", type=int, default=1200, help="Optimizer steps.")
     p.add_argument("--lr", type=float, default=2e-3, help="Peak AdamW learning rate.")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="Final lr / peak (cosine).")
     p.add_argument("--warmup-steps", type=int, default=100, help="Linear warm-up steps.")
@@ -72,13 +72,13 @@ def parse_args() -> argparse.Namespace:
         "--own-fraction", type=float, default=0.5, help="Revisions of the model's own failures."
     )
     p.add_argument(
-        "--own-start", type=int, default=400, help="First step that samples own failures."
+        "--own-start", type=int, default=300, help="First step that samples own failures."
     )
     p.add_argument("--own-every", type=int, default=20, help="Refresh own failures every N steps.")
     p.add_argument("--own-batch", type=int, default=96, help="Fresh tasks sampled per refresh.")
     p.add_argument("--hidden", type=int, default=128, help="Model width.")
-    p.add_argument("--layers", type=int, default=4, help="Transformer layers.")
-    p.add_argument("--eval-every", type=int, default=250, help="Evaluate every N steps.")
+    p.add_argument("--layers", type=int, default=2, help="Transformer layers.")
+    p.add_argument("--eval-every", type=int, default=200, help="Evaluate every N steps.")
     p.add_argument("--dev-size", type=int, default=100, help="Held-out model-range functions.")
     return p.parse_args()
 
