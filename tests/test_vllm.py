@@ -169,6 +169,16 @@ def test_resume_pushes_the_checkpoint_weights(tmp_path, engine):
     assert _sampler_vs_trainer_gap(resumed) < 1e-4
 
 
+def test_top_p_sampling_reports_the_trainers_untruncated_logprobs(tmp_path, engine):
+    """Audit R4: with top-p (and top-k) vLLM must report log-probs before truncation (raw at
+    T = 1), so the sampler-vs-trainer gap stays ~0 and the mismatch weights stay 1. With
+    ``processed_logprobs`` every token would differ by log Z_t < 0, the mass the filter removed."""
+    trainer = _trainer(tmp_path, engine, generation__top_p=0.95, generation__top_k=20)
+    assert _sampler_vs_trainer_gap(trainer) < 1e-4
+    metrics = trainer.step()
+    assert metrics["sampling/is_weight_min"] > 0.99, metrics["sampling/is_weight_min"]
+
+
 def test_quickstart_with_vllm_trains_and_logs_the_mismatch(tmp_path, engine):
     config = SDPOConfig.preset(
         "quickstart",
