@@ -44,6 +44,7 @@ from transformers import LlamaForCausalLM
 from sdpo.demo import (
     DEMO_MODEL_DIR,
     build_char_tokenizer,
+    encode_batch,
     feedback_prompt,
     generate_completions,
     teacher_prompt,
@@ -197,25 +198,6 @@ class Mixture:
             wrong = value * 10 + self.rng.randrange(10)
         wrong = max(wrong, 0)
         return str(wrong if wrong != value else value + 1)
-
-
-def encode_batch(
-    tokenizer, examples: list[tuple[str, str]]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 except answer + EOS)."""
-    vocab = tokenizer.get_vocab()
-    eos = tokenizer.eos_token_id
-    seqs = [([vocab[c] for c in p], [vocab[c] for c in a] + [eos]) for p, a in examples]
-    width = max(len(p) + len(a) for p, a in seqs)
-    input_ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
-    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    labels = torch.full((len(seqs), width), -100)
-    for i, (p, a) in enumerate(seqs):
-        start = width - len(p) - len(a)
-        input_ids[i, start:] = torch.tensor(p + a)
-        attention_mask[i, start:] = 1
-        labels[i, width - len(a) :] = torch.tensor(a)
-    return input_ids, attention_mask, labels
 
 
 def answer_loss(model, tokenizer, examples: list[tuple[str, str]]) -> tuple[torch.Tensor, int]:

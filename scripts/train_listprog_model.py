@@ -50,6 +50,7 @@ from transformers import LlamaForCausalLM
 from sdpo.demo import (
     LISTPROG_MODEL_DIR,
     build_char_tokenizer,
+    encode_batch,
     generate_completions,
     tiny_llama_config,
 )
@@ -189,23 +190,6 @@ class Mixture:
         failed = [(r, a) for r, a in failed if not all(lp.passes(a, r["tests"]))]
         self.own.extend(failed)
         return len(failed)
-
-
-def encode_batch(tokenizer, examples: list[tuple[str, str]]):
-    """Left-padded ids, attention mask and labels (-100 except target + EOS)."""
-    vocab = tokenizer.get_vocab()
-    eos = tokenizer.eos_token_id
-    seqs = [([vocab[c] for c in p], [vocab[c] for c in a] + [eos]) for p, a in examples]
-    width = max(len(p) + len(a) for p, a in seqs)
-    input_ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
-    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    labels = torch.full((len(seqs), width), -100)
-    for i, (p, a) in enumerate(seqs):
-        start = width - len(p) - len(a)
-        input_ids[i, start:] = torch.tensor(p + a)
-        attention_mask[i, start:] = 1
-        labels[i, width - len(a) :] = torch.tensor(a)
-    return input_ids, attention_mask, labels
 
 
 def target_loss(model, tokenizer, examples):

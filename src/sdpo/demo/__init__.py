@@ -115,6 +115,26 @@ def feedback_prompt(prompt: str, feedback: str) -> str:
 
 
 @torch.no_grad()
+def encode_batch(
+    tokenizer: PreTrainedTokenizerFast, examples: list[tuple[str, str]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A character-level training batch for the demo models' scripts: left-padded ``input_ids``,
+    ``attention_mask`` and ``labels`` ``[B, W]`` (-100 except the target's characters + EOS)."""
+    vocab = tokenizer.get_vocab()
+    eos = tokenizer.eos_token_id
+    seqs = [([vocab[c] for c in p], [vocab[c] for c in a] + [eos]) for p, a in examples]
+    width = max(len(p) + len(a) for p, a in seqs)
+    input_ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100)
+    for i, (p, a) in enumerate(seqs):
+        start = width - len(p) - len(a)
+        input_ids[i, start:] = torch.tensor(p + a)
+        attention_mask[i, start:] = 1
+        labels[i, width - len(a) :] = torch.tensor(a)
+    return input_ids, attention_mask, labels
+
+
 def generate_completions(
     model: LlamaForCausalLM,
     tokenizer: PreTrainedTokenizerFast,
