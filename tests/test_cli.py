@@ -173,3 +173,23 @@ def test_overrides_may_come_before_or_after_the_options(argv):
 def test_an_unknown_option_after_the_overrides_is_still_refused(capsys):
     assert main(["eval", "demo", "--samples", "4", "task=reversal", "--bogus"]) == 2
     assert "--bogus is not an option" in capsys.readouterr().err
+
+
+def test_help_and_the_config_import_no_torch():
+    """`sdpo --help` and `from sdpo import SDPOConfig` must not import torch or transformers (they
+    cost ~5 s of CPU); the package's public names load on first use (PEP 562)."""
+    code = (
+        "import sys, sdpo\n"
+        "from sdpo import SDPOConfig\n"
+        "from sdpo.cli import build_parser\n"
+        "build_parser()\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+        "assert sorted(sdpo.__all__) == sorted(n for n in sdpo.__all__ if getattr(sdpo, n))\n"
+        "assert 'torch' in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    import sdpo
+
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        sdpo.Nope  # noqa: B018

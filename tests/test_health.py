@@ -52,6 +52,8 @@ CASES = {
     "zero_grad_norm": stream(10) + stream(30, grad_norm=1e-7),
     "length_collapse": stream(10, **{"completions/mean_length": 8.0})
     + stream(30, **{"completions/mean_length": 1.0}),
+    "length_blowup": stream(10, **{"completions/clipped_fraction": 0.0})
+    + stream(30, **{"completions/clipped_fraction": 1.0}),
     "reward_drop": stream(10, reward=0.9) + stream(30, reward=0.2),
     "copy_rate_rising": stream(10, **{"self_distillation/copy_rate": 0.1})
     + stream(30, **{"self_distillation/copy_rate": 0.5}),
@@ -318,3 +320,26 @@ def test_heldout_drop_on_the_smollm2_runs(run, collapsed):
         if "eval/accuracy_greedy" in r and monitor.evaluation(r["step"], r)
     ]
     assert fired == ([24] if collapsed else [])
+
+
+def test_length_blowup_catches_the_contrastive_collapse_and_not_the_healthy_runs():
+    """Real runs: the contrastive teacher before its fix (pure SDPO, contrastive_weight=1 with the
+    feedback divided out, arithmetic_hard, 3 seeds; docs/method.md) ran every completion to
+    max_new_tokens; length_blowup must fire in each seed and in no SmolLM2 or quickstart run."""
+    collapse = DOCS / "method_runs" / "contrastive_feedback_collapse.jsonl"
+    records = [json.loads(x) for x in collapse.read_text().splitlines()]
+    first = {}
+    for seed in (0, 1, 2):
+        monitor = HealthMonitor(HealthConfig())
+        for r in (r for r in records if r["seed"] == seed):
+            if any("[length_blowup]" in m for m in monitor.update(r["step"], r)):
+                first.setdefault(seed, r["step"])
+    assert first == {0: 130, 1: 146, 2: 99}
+    healthy = [*(DOCS / "examples" / "smollm2_runs").glob("*/metrics.jsonl")]
+    healthy += [*DOCS_RUNS.glob("*/metrics.jsonl")]
+    assert len(healthy) >= 6
+    for path in healthy:
+        monitor = HealthMonitor(HealthConfig())
+        for r in map(json.loads, path.read_text().splitlines()):
+            if "reward" in r:
+                assert not any("[length_blowup]" in m for m in monitor.update(r["step"], r)), path

@@ -323,6 +323,56 @@ def test_contrastive_head_matches_float64_reference(saturated):
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("saturated", [False, True])
+def test_contrastive_head_is_the_plain_teacher_on_rows_without_a_demonstration(saturated):
+    """Inactive rows (no demonstration: no contrast pass) must get exactly q(x'), biases included."""
+    from sdpo.variants import contrastive_head
+
+    g = torch.Generator().manual_seed(12)
+    scale = 20.0 if saturated else 1.0
+    b, t, h, v, gamma = 3, 4, 5, 9, 1.0
+    ht, hc, hs = (torch.randn(b, t, h, generator=g, dtype=torch.float64) * scale for _ in range(3))
+    wt, ws = (torch.randn(v, h, generator=g, dtype=torch.float64) for _ in range(2))
+    bt, bs = (torch.randn(v, generator=g, dtype=torch.float64) for _ in range(2))
+    active = torch.tensor([[True], [False], [True]])
+    for biases in ((bt, bs), (None, bs), (bt, None), (None, None)):
+        hidden, weight, bias = contrastive_head(
+            ht, wt, biases[0], hc, hs, ws, biases[1], gamma, active
+        )
+        got = (hidden @ weight.T + (0.0 if bias is None else bias)).log_softmax(-1)
+        tb = torch.zeros(v, dtype=torch.float64) if biases[0] is None else biases[0]
+        sb = torch.zeros(v, dtype=torch.float64) if biases[1] is None else biases[1]
+        log_q, log_c = (ht @ wt.T + tb).log_softmax(-1), (hc @ wt.T + tb).log_softmax(-1)
+        log_pi = (hs @ ws.T + sb).log_softmax(-1)
+        contrasted = (log_q + gamma * (log_pi - log_c)).log_softmax(-1)
+        want = torch.where(active[..., None], contrasted, log_q)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_contrast_context_is_the_demonstration_alone(tmp_path):
+    """Feedback is the information SDPO distils, not a leak: a feedback-only row gets no contrast
+    pass, and a demonstration row's contrast context holds neither the question nor the feedback
+    (dividing out what the feedback explains drove arithmetic_hard to 3/3 collapses)."""
+    from sdpo.reprompting import Reprompter
+
+    config = SDPOConfig(
+        self_distillation__contrastive_weight=1.0,
+        self_distillation__environment_feedback_only_without_solution=False,
+    ).validate()
+    reprompter = Reprompter(config.self_distillation)
+    prompts = ["Q: 2+3=", "Q: 2+3=", "Q: 7+1=", "Q: 7+1="]
+    contexts = reprompter.build(
+        prompts, ["5", "6", "9", "7"], [1.0, 0.0, 0.0, 0.0], [0, 0, 1, 1],
+        [None, "FEEDBACK-A too big", "FEEDBACK-B too big", "FEEDBACK-C too small"],
+    )  # fmt: skip
+    with_demo, feedback_only = contexts[1], contexts[2]
+    assert with_demo.demonstration_index == 0 and "FEEDBACK-A" in with_demo.prompt
+    assert with_demo.contrast_prompt is not None and "5" in with_demo.contrast_prompt
+    assert "Q: 2+3=" not in with_demo.contrast_prompt
+    assert "FEEDBACK" not in with_demo.contrast_prompt
+    assert feedback_only.demonstration_index is None and feedback_only.contrast_prompt is None
+
+
 def test_contrastive_teacher_runs_a_question_free_pass_and_changes_the_target(tmp_path):
     base, base_grads = _step(tmp_path, "base")
     trainer = make_trainer(
@@ -340,7 +390,7 @@ def test_contrastive_teacher_runs_a_question_free_pass_and_changes_the_target(tm
     trainer.teacher.hidden = counting
     prepared = trainer.loss.prepare(rollouts, contexts)
     for i, ctx in enumerate(contexts):
-        if ctx is not None:
+        if ctx is not None and ctx.demonstration_index is not None:
             assert (
                 rollouts.prompts[i] in ctx.prompt and rollouts.prompts[i] not in ctx.contrast_prompt
             )

@@ -18,6 +18,11 @@
 - ``length_collapse``: mean completion length over the last N steps below ``length_collapse_ratio``
   times its best N-step mean while the reward is no better than it was then (shorter answers with
   a rising reward are SDPO's known effect, not a collapse);
+- ``length_blowup``: the N-step mean share of completions cut at ``max_new_tokens``
+  (``completions/clipped_fraction``) at least ``length_blowup_clipped`` after its lowest N-step
+  mean was at most half of that: completions stopped ending (the contrastive teacher on
+  ``arithmetic_hard`` before its fix: mean length 3.7 -> 8.0 = the limit, accuracy 0). A run that
+  is cut from the start is told by ``completions/clipped_fraction`` itself, not by this warning;
 - ``reward_drop``: the N-step mean reward below its best N-step mean by more than the fraction
   ``reward_drop`` of that best *and* by more than ``reward_drop_z`` standard errors of the
   difference (the step-to-step noise, from successive differences, times sqrt(2 / N)): a
@@ -50,6 +55,7 @@ WARNINGS = (
     "low_teacher_kl",
     "zero_grad_norm",
     "length_collapse",
+    "length_blowup",
     "reward_drop",
     "heldout_drop",
     "copy_rate_rising",
@@ -175,6 +181,22 @@ class HealthMonitor:
                     f"completion length collapsing: {length_mean:.1f} tokens on average over the "
                     f"last {n} steps, down from {length_best:.1f}, and the reward did not rise; "
                     "lower the learning rate or check the reward for a bias toward short answers."
+                ),
+            )
+        )
+        clipped = self._push("clipped", metrics.get("completions/clipped_fraction"))
+        clipped_mean, clipped_low = self._rolling("clipped", clipped, min)
+        checks.append(
+            (
+                "length_blowup",
+                clipped_mean is not None
+                and clipped_mean >= cfg.length_blowup_clipped
+                and clipped_low <= cfg.length_blowup_clipped / 2,
+                lambda: (
+                    f"completions stop ending: {clipped_mean:.0%} of them ran to max_new_tokens "
+                    f"over the last {n} steps, up from {clipped_low:.0%} (mean length "
+                    f"{length_mean:.1f}); the end-of-sequence token is losing probability: lower "
+                    "the learning rate, use a slower teacher, or resume from an earlier checkpoint."
                 ),
             )
         )

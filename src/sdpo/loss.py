@@ -225,9 +225,10 @@ class SDPOLoss:
             if c is not None and bool(batch.distilled[i])
         }
         if self.config.self_distillation.contrastive_weight > 0:
-            batch.contrast_prompts = {
+            batch.contrast_prompts = {  # rows with a demonstration (TeacherContext.contrast_prompt)
                 i: self.policy.encode_prompt(contexts[i].contrast_prompt)
                 for i in batch.teacher_prompts
+                if contexts[i].contrast_prompt is not None
             }
         mask = rollouts.completion_mask
         batch.counts = self.runtime.all_reduce(  # over every rank: the global batch's counts
@@ -420,9 +421,12 @@ class SDPOLoss:
         teacher_bias: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """The contrastive teacher (:func:`sdpo.variants.contrastive_head`): a second teacher pass
-        on the context without the question, folded with the student's own (detached) logits into
-        one LM head, so the divergence kernel sees ``z̃ = z_q(x') + γ (z_π(x) − z_q(c))``."""
+        on the demonstration alone, folded with the student's own (detached) logits into one LM
+        head, so the divergence kernel sees ``z̃ = z_q(x') + γ (z_π(x) − z_q(c))`` on rows with a
+        demonstration and the plain teacher ``z_q(x')`` on the others."""
         rows = [j for j, i in enumerate(idx.tolist()) if i in batch.contrast_prompts]
+        if not rows:  # no demonstration in this micro-batch: the plain teacher
+            return teacher_hidden, teacher_weight, teacher_bias
         sub = torch.tensor(rows, device=hidden.device)
         c_ids, c_mask = self.policy.pad_left([batch.contrast_prompts[int(idx[j])] for j in rows])
         comp_ids, comp_mask = rollouts.completion_ids[idx], rollouts.completion_mask[idx]
@@ -432,11 +436,13 @@ class SDPOLoss:
             device=c_hidden.device,
         )  # fmt: skip
         contrast_hidden[sub] = c_hidden
+        active = torch.zeros(teacher_hidden.shape[0], dtype=torch.bool, device=hidden.device)
+        active[sub] = True
         head = self.policy.lm_head
         return contrastive_head(
             teacher_hidden, teacher_weight, teacher_bias, contrast_hidden, hidden.detach(),
             head.weight.detach(), None if head.bias is None else head.bias.detach(),
-            self.config.self_distillation.contrastive_weight,
+            self.config.self_distillation.contrastive_weight, active[:, None],
         )  # fmt: skip
 
     @torch.no_grad()

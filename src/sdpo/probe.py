@@ -30,8 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from sdpo.config import SDPOConfig
 
 GOOD_GAP = 0.10  # the pre-flight rule's "go" threshold on b − c (LITERATURE §3.1)
@@ -180,6 +178,8 @@ def run_probe(
     ``accuracy`` (``fresh``, ``feedback``, ``shuffled``), ``feedback_minus_shuffled`` and
     ``feedback_minus_fresh`` (``difference``, ``low``, ``high``) and ``verdict``.
     """
+    import torch  # here, not at import: `sdpo --help` needs no torch
+
     from sdpo.evaluation import paired_bootstrap
     from sdpo.reward_model import as_reward_model
 
@@ -264,6 +264,8 @@ class TeacherProbe:
     """
 
     def __init__(self, trainer: Any, every: int, num_prompts: int, samples: int = 2) -> None:
+        import torch  # here, not at import: `sdpo --help` needs no torch
+
         self.every, self.samples = every, samples
         rows = trainer.eval_rows
         if not rows:
@@ -282,6 +284,8 @@ class TeacherProbe:
 
     def accuracy(self, trainer: Any) -> float:
         """The current teacher's accuracy on the probe set (NaN when it is empty)."""
+        import torch  # here, not at import: `sdpo --help` needs no torch
+
         from sdpo.policy_model import PolicyModel
 
         if not self.pairs:

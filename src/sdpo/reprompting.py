@@ -57,6 +57,9 @@ class TeacherContext:
         prompt: the teacher prompt; a string, or chat messages when the student prompt was messages.
         demonstration_index: index (into the batch's completions) of the demonstration, or None.
         used_feedback: whether the environment's feedback is part of the prompt.
+        from_memory: whether the demonstration came from the success memory.
+        contrast_prompt: the contrastive teacher's context (``contrastive_weight > 0``): the
+            demonstration alone, without the question and the feedback; None without a demonstration.
     """
 
     prompt: Prompt
@@ -254,8 +257,8 @@ class Reprompter:
             truncated += was_truncated
             remembered += from_memory
             contrast = None
-            if cfg.contrastive_weight > 0:  # the same context without the question
-                contrast = self._fit(_without_question(prompts[i]), demo, fb)
+            if cfg.contrastive_weight > 0 and demo is not None:  # the demonstration alone
+                contrast = self._fit(_without_question(prompts[i]), demo, None)
                 contrast = None if contrast is None else contrast[0]
             contexts.append(
                 TeacherContext(prompt, demo_index, fb is not None, from_memory, contrast)

@@ -192,32 +192,47 @@ def contrastive_head(
     student_weight: Tensor,
     student_bias: Tensor | None,
     gamma: float,
+    active: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """The contrastive teacher's target as one LM head (``[..., H_t]``, ``[V, H_t]`` → ``[...,
-    2H_t + H]``, ``[V, 2H_t + H]``): its logits are
+    2H_t + H (+1)]``, ``[V, 2H_t + H (+1)]``): where ``active`` (``[...]`` bool, broadcast over
+    the hidden size; None = everywhere) its logits are
 
         z̃ = z_q(· | x') + γ · (z_π(· | x) − z_q(· | c)),     γ = self_distillation.contrastive_weight
 
-    with ``x'`` the teacher context, ``c`` the same context without the question, and ``x`` the
-    student's prompt; after the softmax, ``q̃ ∝ q(·|x') · (π(·|x) / q(·|c))^γ``. At ``γ = 1`` this
-    is Purified OPSD's target (arXiv 2607.02234; RLCSD, arXiv 2606.11709, contrasts with a wrong
-    context instead): what the teacher learns from the demonstration *without* the question — the
-    worked example's names and surface — is divided out (``q(·|c)``), and the student's own
-    distribution takes its place, so only the question-specific gain ``q(·|x') / q(·|c)`` is
-    distilled. We use the question-free context because it needs no second question and isolates
-    exactly the tokens "the context alone explains". Cost: one more teacher forward per distilled
-    row (no backward), and an LM head ``2H_t + H`` wide in the divergence kernel.
+    and elsewhere exactly the plain teacher's ``z_q(· | x')``. ``x'`` is the teacher context,
+    ``c`` the demonstration alone (no question, no feedback) and ``x`` the student's prompt; after
+    the softmax, ``q̃ ∝ q(·|x') · (π(·|x) / q(·|c))^γ``. At ``γ = 1`` this is Purified OPSD's
+    target (arXiv 2607.02234; RLCSD, arXiv 2606.11709, contrasts with a wrong context instead):
+    what the teacher takes from the demonstration *whatever the question* — the worked example's
+    names and surface — is divided out (``q(·|c)``) and the student's own distribution takes its
+    place, so only the question-specific gain ``q(·|x') / q(·|c)`` is distilled.
 
-    The fold is the trust-region teacher's: ``[h_t, −γ h_c, γ h_s] · [W_t, W_t, W_s]ᵀ``.
+    Only rows with a demonstration are contrasted (``active``). Feedback is not a reference: what
+    it says is the information SDPO exists to distil, and dividing out what a feedback-only context
+    explains removed exactly that — on ``arithmetic_hard`` the feedback "the correct answer has
+    three digits" makes ``q(EOS | c)`` high, the division took the end-of-sequence token's
+    probability away, and completions ran to the length limit in 3/3 seeds (docs/method.md).
+
+    The fold is the trust-region teacher's: ``[h_t, −γ a h_c, γ a h_s] · [W_t, W_t, W_s]ᵀ`` with
+    ``a`` the row's 0/1 activity; with LM-head biases one more column ``(1 − a)`` with weight
+    ``γ (b_t − b_s)`` restores the plain teacher's bias on inactive rows.
     """
-    hidden = torch.cat(
-        [teacher_hidden, -gamma * contrast_hidden, gamma * student_hidden.to(teacher_hidden.dtype)],
-        dim=-1,
-    )
-    weight = torch.cat([teacher_weight, teacher_weight, student_weight.to(teacher_weight.dtype)], 1)
+    dtype = teacher_hidden.dtype
+    a = (
+        torch.ones(teacher_hidden.shape[:-1], dtype=dtype, device=teacher_hidden.device)
+        if active is None
+        else active.to(dtype).expand(teacher_hidden.shape[:-1])
+    ).unsqueeze(-1)
+    parts = [teacher_hidden, -gamma * a * contrast_hidden, gamma * a * student_hidden.to(dtype)]
+    weights = [teacher_weight, teacher_weight, student_weight.to(teacher_weight.dtype)]
     bias = None
     if teacher_bias is not None or student_bias is not None:
-        tb = 0.0 if teacher_bias is None else teacher_bias
-        sb = 0.0 if student_bias is None else student_bias
+        zero = teacher_weight.new_zeros(teacher_weight.shape[0])
+        tb = zero if teacher_bias is None else teacher_bias.to(teacher_weight.dtype)
+        sb = zero if student_bias is None else student_bias.to(teacher_weight.dtype)
         bias = (1.0 - gamma) * tb + gamma * sb
-    return hidden, weight, bias
+        if active is not None:  # inactive rows: back to the plain teacher's bias t_b
+            parts.append(1.0 - a)
+            weights.append((gamma * (tb - sb)).unsqueeze(-1))
+    return torch.cat(parts, dim=-1), torch.cat(weights, 1), bias

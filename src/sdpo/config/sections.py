@@ -500,6 +500,13 @@ class HealthConfig:
         min=0.0,
         max=1.0,
     )
+    length_blowup_clipped: float = _f(
+        0.5,
+        "Warn (length_blowup) when the N-step mean share of completions cut at max_new_tokens "
+        "reaches this, having been at most half of it.",
+        min=0.0,
+        max=1.0,
+    )
     reward_drop: float = _f(
         0.15,
         "Warn when the N-step mean reward falls below its best N-step mean by more than this fraction of the best (and by more than reward_drop_z standard errors).",
