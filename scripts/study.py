@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -190,6 +192,40 @@ def generations_to_reach(evals: list[dict], target: float, key: str = "sampled")
     return None
 
 
+def reach_ratio(runs: list[dict], target: float, budget: int, key: str) -> float:
+    """Generations the seeds' mean curve needs to reach ``target``, ÷ ``budget`` (inf: never)."""
+    curve = [{"generations": g, key: a} for g, a in mean_curve(runs, key)]
+    g = generations_to_reach(curve, target, key)
+    return math.inf if g is None else g / budget
+
+
+def reach_interval(
+    runs: list[dict], grpo: list[dict], key: str, draws: int = 2000, seed: int = 0
+) -> tuple[float, float, int]:
+    """A 95% bootstrap interval of :func:`reach_ratio` and how many single seeds reach.
+
+    Each draw resamples the arm's seeds and GRPO's seeds with replacement: the target is the
+    resampled GRPO seeds' mean final accuracy, the ratio that of the resampled arm's mean curve
+    (inf when it never reaches; an interval with an inf end means some resamples never do). The
+    count is of the arm's seeds whose *own* curve reaches GRPO's mean final accuracy within half
+    of GRPO's generations (the issue's "≤ 0.5× in ≥ 4 of 5 seeds").
+    """
+    rng = random.Random(seed)
+    budget = grpo[0]["evals"][-1]["generations"]
+    ratios = []
+    for _ in range(draws):
+        arm = [rng.choice(runs) for _ in runs]
+        target = statistics.fmean(rng.choice(grpo)["evals"][-1][key] for _ in grpo)
+        ratios.append(reach_ratio(arm, target, budget, key) if target > 0 else math.nan)
+    ratios = sorted(r for r in ratios if r == r)
+    if not ratios:
+        return math.nan, math.nan, 0
+    low, high = ratios[int(0.025 * (len(ratios) - 1))], ratios[int(0.975 * (len(ratios) - 1))]
+    target = statistics.fmean(r["evals"][-1][key] for r in grpo)
+    within = sum(reach_ratio([r], target, budget, key) <= 0.5 for r in runs)
+    return low, high, within
+
+
 def mean_sd(values: list[float]) -> str:
     values = [v for v in values if v is not None]
     if not values:
@@ -222,7 +258,8 @@ def analyse(results: dict[str, list[dict]]) -> tuple[dict, str]:
         summary["grpo_final"] = {**targets, "generations": budget}
     lines = [
         "| arm | final sampled acc | final greedy acc | generations to GRPO's final sampled acc "
-        "(÷ GRPO's) | generations to GRPO's final greedy acc (÷ GRPO's) | mean completion "
+        "(÷ GRPO's; 95% bootstrap CI over seeds; seeds reaching it within 0.5×) | generations to "
+        "GRPO's final greedy acc (same) | mean completion "
         "length | optimizer steps | minutes per run | teacher probe acc (first -> last) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -238,8 +275,17 @@ def analyse(results: dict[str, list[dict]]) -> tuple[dict, str]:
             g = reach[key]
             if target <= 0:
                 cells.append("- (GRPO's is 0)")
-            else:
-                cells.append("never" if g is None else f"{g} ({g / budget:.2f})")
+                continue
+            low, high, within = reach_interval(runs, results["grpo"], key)
+            ci = f"CI [{low:.2f}, {high:.2f}]".replace("inf", "never")
+            seeds = f"{within}/{len(runs)} seeds ≤ 0.5"
+            cells.append(
+                f"never ({ci}; {seeds})" if g is None else f"{g} ({g / budget:.2f}; {ci}; {seeds})"
+            )
+            summary.setdefault("reach_intervals", {}).setdefault(arm, {})[key] = [
+                None if math.isinf(low) else low, None if math.isinf(high) else high,
+                within, len(runs),
+            ]  # fmt: skip
         summary[arm] = {
             "final_sampled": finals,
             "final_greedy": greedy,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -92,3 +93,32 @@ def test_listprog_study_with_two_steps(tmp_path):
     assert set(record["discover"]["methods"]) == {"sdpo", "best_of_k", "multi_turn"}
     table = (out / "study.md").read_text()
     assert "| grpo_shaped |" in table and "| sdpo_shuffled |" in table
+
+
+def _study_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study", ROOT / "scripts" / "study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(accuracies: list[float], step: int = 100) -> dict:
+    return {"evals": [{"generations": k * step, "sampled": a} for k, a in enumerate(accuracies)]}
+
+
+def test_generations_to_grpo_final_has_a_seed_bootstrap_interval_and_a_seed_count():
+    study = _study_module()
+    grpo = [_run([0.1, 0.3, 0.5, 0.6, 0.7]), _run([0.1, 0.4, 0.5, 0.6, 0.7])]  # target 0.7 at 400
+    fast = [_run([0.1, 0.7, 0.7, 0.7, 0.7]), _run([0.1, 0.5, 0.8, 0.8, 0.8])]
+    never = [_run([0.1, 0.2, 0.2, 0.2, 0.2]), _run([0.1, 0.3, 0.3, 0.3, 0.3])]
+    low, high, within = study.reach_interval(fast, grpo, "sampled", draws=500)
+    # Resamples: both "fast" seeds (mean curve reaches 0.7 at 100 or 200 generations), seed 0
+    # twice (100) or seed 1 twice (200): ratios 0.25 and 0.5 only.
+    assert (low, high) == (0.25, 0.5) and within == 2
+    low, high, within = study.reach_interval(never, grpo, "sampled", draws=200)
+    assert math.isinf(low) and math.isinf(high) and within == 0
+    mixed = [fast[0], never[0]]  # the mean curve peaks at 0.45: never; seed 0 alone: 0.25
+    low, high, within = study.reach_interval(mixed, grpo, "sampled", draws=500)
+    assert low == 0.25 and math.isinf(high) and within == 1
