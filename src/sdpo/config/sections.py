@@ -240,7 +240,8 @@ class SelfDistillationConfig:
     contrastive_weight: float = _f(
         0.0,
         "Contrastive teacher (Purified OPSD, arXiv 2607.02234): target q(x') (pi(x) / q(c))^gamma, c = "
-        "the teacher context without the question; gamma = this, 0 = off (a second teacher pass).",
+        "the demonstration alone (no question, no feedback; rows without one are not contrasted); "
+        "gamma = this, 0 = off (a second teacher pass). For long demonstrations, not short answers.",
         min=0.0,
     )
     copy_rate_ngram: int = _f(
