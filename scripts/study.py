@@ -7,6 +7,8 @@ Runs, each in its own process (``sdpo train``), on the ``arithmetic_hard`` task 
     sdpo_nofb       the same, teacher contexts from successful siblings only (no feedback)
     pure_sdpo       distillation only (the paper's setting), with feedback
     pure_sdpo_nofb  distillation only, no feedback
+    sdpo_routed     pure SDPO + correctness routing + the gated teacher (the variant that holds
+                    its peak: docs/method.md); not in the default set
 
 over several seeds, evaluating every ``--eval-every`` steps on the task's eval split; then
 ``sdpo discover`` (test-time SDPO vs best-of-k vs multi-turn retrying) on the same split. Writes
@@ -20,6 +22,7 @@ model, :mod:`sdpo.tasks.listprog`) the arms are the controlled set of ``LISTPROG
     sdpo            SDPO + PG with the execution feedback
     pure_sdpo       distillation only, with the feedback
     sdpo_shuffled   SDPO + PG with another question's feedback (the control that must not gain)
+    sdpo_routed     pure SDPO + correctness routing + the gated teacher (the method issue's variant)
 
 ``--lrs`` and ``--updates`` give each arm a grid of learning rates and optimizer updates per
 generated batch (every combination is a run, named ``arm@lr=..,u=..``); the tables report
@@ -53,15 +56,22 @@ ARMS: dict[str, list[str]] = {
         "policy_gradient.pg_loss_weight=0",
         "self_distillation.include_environment_feedback=false",
     ],
+    "sdpo_routed": [
+        "policy_gradient.pg_loss_weight=0",
+        "self_distillation.routing=correctness",
+        "self_distillation.teacher=gated",
+    ],
 }
+DEFAULT_ARMS = ["grpo", "sdpo", "sdpo_nofb", "pure_sdpo", "pure_sdpo_nofb"]
 LISTPROG_ARMS: dict[str, list[str]] = {
     "grpo": ["self_distillation.distillation_weight=0"],
     "grpo_shaped": ["self_distillation.distillation_weight=0", "data.task=listprog_shaped"],
     "sdpo": [],
     "pure_sdpo": ["policy_gradient.pg_loss_weight=0"],
     "sdpo_shuffled": ["data.task=listprog_shuffled"],
+    "sdpo_routed": ARMS["sdpo_routed"],
 }
-DISTILLING = {"sdpo", "sdpo_nofb", "pure_sdpo", "pure_sdpo_nofb", "sdpo_shuffled"}
+DISTILLING = {"sdpo", "sdpo_nofb", "pure_sdpo", "pure_sdpo_nofb", "sdpo_shuffled", "sdpo_routed"}
 EVAL_KEY = "eval/accuracy_sampled"
 GREEDY_KEY = "eval/accuracy_greedy"
 
@@ -90,7 +100,7 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     listprog = args.task.startswith("listprog")
     args.arm_table = LISTPROG_ARMS if listprog else ARMS
-    args.arms = args.arms or list(args.arm_table)
+    args.arms = args.arms or (list(args.arm_table) if listprog else DEFAULT_ARMS)
     unknown = [a for a in args.arms if a not in args.arm_table]
     if unknown:
         p.error(f"--arms {unknown} do not apply to --task {args.task}; use {list(args.arm_table)}")
