@@ -40,6 +40,9 @@ def build(
 ) -> SDPOTrainer:
     model, tok = make_tiny_llama(seed=0, hidden=32, layers=2)
     settings = dict(
+        # float32 whatever the host: model.dtype=auto would pick bf16 on a CPU with AVX512-BF16,
+        # and the equality tests below compare at float32 tolerances.
+        model__dtype="float32",
         num_samples_per_prompt=4,
         generation__max_new_tokens=5,
         optimization__prompts_per_step=4,
