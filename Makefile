@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sdpo-installed
 
-.PHONY: setup test test-slow test-vllm lint format quickstart bench study docs gpu-check
+.PHONY: setup test test-slow test-vllm lint format quickstart bench study study-protocol docs gpu-check
 
 setup: $(STAMP)
 
@@ -57,6 +57,11 @@ bench: setup
 
 study: setup
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) scripts/study.py
+
+# Every arm tuned the same way (lr x updates on seed 0, by training reward), then 5 seeds (~35 min).
+study-protocol: setup
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) scripts/study_protocol.py --task arithmetic_hard \
+		--arms grpo sdpo sdpo_routed --out docs/study_protocol model.dtype=float32
 
 # The documentation site (mkdocs-material + mkdocstrings) into site/. --strict: a broken link or
 # anchor, a page missing from the nav or a docstring mkdocstrings cannot render fails the build.
