@@ -510,6 +510,7 @@ def run_sdpo(args, path: Path, tokenizer, prompts: list[str], out_dir: str) -> d
         "model__dtype": args.dtype,
         "model__device": args.device,
         "model__gradient_checkpointing": args.sdpo_gradient_checkpointing,
+        "model__lm_head_dtype": args.sdpo_lm_head,
         "generation__max_new_tokens": NEW_TOKENS,
         "generation__temperature": 1.0,
         "generation__top_p": 1.0,
@@ -666,6 +667,7 @@ def run_case(args) -> dict:
         "dtype": args.dtype,
         "device": args.device,
         "sdpo_gradient_checkpointing": args.sdpo_gradient_checkpointing,
+        "sdpo_lm_head": args.sdpo_lm_head,
         "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
         "clock": args.clock,
     }
@@ -750,7 +752,7 @@ def passthrough_workload(args) -> list[str]:
         out.append("--trl-gradient-checkpointing")
     if args.sdpo_gradient_checkpointing:
         out.append("--sdpo-gradient-checkpointing")
-    return out
+    return out + ["--sdpo-lm-head", args.sdpo_lm_head]
 
 
 def drive(args) -> int:
@@ -861,6 +863,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distillation-weight", type=float, default=0.5)
     parser.add_argument("--trl-gradient-checkpointing", action="store_true")
     parser.add_argument("--sdpo-gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--sdpo-lm-head",
+        choices=("float32", "compute"),
+        default="float32",
+        help="sdpo's model.lm_head_dtype (compute: the head in --dtype, as TRL's)",
+    )
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="per completion")
     parser.add_argument("--samples", type=int, default=SAMPLES_PER_PROMPT, help="G per prompt")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")

@@ -79,6 +79,39 @@ def test_bf16_autocast_loss_is_close_to_fp32_loss(tmp_path):
     assert losses["fp32"]["loss"] != losses["bf16"]["loss"]  # autocast really ran in bf16
 
 
+def test_lm_head_in_the_compute_dtype_only_on_request(tmp_path):
+    """model.lm_head_dtype=compute runs the head product in bf16 (the logits then differ from the
+    float32 head's, by bf16 rounding only) and its gradient still reaches the float32 weights;
+    under float32 compute it changes nothing."""
+    runs = {}
+    for name, dtype, head in (
+        ("fp32", "float32", "float32"),
+        ("fp32_compute", "float32", "compute"),
+        ("bf16", "bfloat16", "float32"),
+        ("bf16_compute", "bfloat16", "compute"),
+    ):
+        trainer = _trainer(tmp_path / name, dtype=dtype, model__lm_head_dtype=head)
+        if name == "fp32":
+            rollouts, contexts = scored_batch(trainer)
+        prepared = trainer.loss.prepare(rollouts, contexts)
+        old = trainer.loss.old_logprobs(rollouts)
+        sums = trainer.loss.backward(rollouts, prepared)
+        grad = trainer.policy.lm_head.weight.grad
+        assert grad is not None and grad.dtype == torch.float32
+        runs[name] = (trainer.loss.metrics(sums, prepared.counts), old, grad.clone())
+    (l32, o32, g32), (l32c, o32c, g32c) = runs["fp32"], runs["fp32_compute"]
+    assert l32 == l32c and torch.equal(o32, o32c) and torch.equal(g32, g32c)
+    (lb, ob, gb), (lbc, obc, gbc) = runs["bf16"], runs["bf16_compute"]
+    mask = rollouts.completion_mask.bool()
+    assert not torch.equal(ob[mask], obc[mask])  # the head really ran in bf16
+    # bf16 logits: |Δz| <= |z|·2⁻⁸; log-probs move by about that (|z| ~ 1 here).
+    torch.testing.assert_close(obc[mask], ob[mask], rtol=0, atol=0.05)
+    for key in ("loss", "policy_loss", "self_distillation/distillation_loss", "entropy"):
+        assert abs(lb[key] - lbc[key]) <= 0.05 * abs(lb[key]) + 1e-3, (key, lb[key], lbc[key])
+    cos = torch.nn.functional.cosine_similarity(gb.flatten(), gbc.flatten(), dim=0)
+    assert cos > 0.99, float(cos)
+
+
 def test_pure_low_precision_weights_only_on_request_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="lost"):
         trainer = _trainer(tmp_path, model__param_dtype="bfloat16")

@@ -254,7 +254,7 @@ class SDPOLoss:
         and make ρ ≠ 1 at the first reuse. The cost is 4 bytes per completion token.
         """
         out = torch.zeros_like(rollouts.completion_mask, dtype=torch.float32)
-        head = self.policy.lm_head
+        weight, bias = self.head_params(self.policy.lm_head.weight, self.policy.lm_head.bias)
         for idx in self._micro_batches(rollouts):
             c_ids, c_mask = rollouts.completion_ids[idx], rollouts.completion_mask[idx]
             mask = c_mask.bool()
@@ -264,9 +264,9 @@ class SDPOLoss:
                 )
             lp = policy_terms(
                 h[mask],
-                head.weight,
+                weight,
                 c_ids[mask],
-                lm_head_bias=head.bias,
+                lm_head_bias=bias,
                 temperature=self.temperature,
                 chunk_size=self.config.self_distillation.loss_chunk_size,
             )["logprobs"]
@@ -328,12 +328,13 @@ class SDPOLoss:
             teacher_hidden, teacher_weight, teacher_bias = self.contrast(
                 rollouts, idx, batch, hidden, teacher_hidden, teacher_weight, teacher_bias
             )
-        head = self.policy.lm_head
+        weight, bias = self.head_params(self.policy.lm_head.weight, self.policy.lm_head.bias)
+        teacher_weight, teacher_bias = self.head_params(teacher_weight, teacher_bias)
         terms = policy_terms(
             hidden[mask],
-            head.weight,
+            weight,
             c_ids[mask],
-            lm_head_bias=head.bias,
+            lm_head_bias=bias,
             teacher_hidden=None if teacher_hidden is None else teacher_hidden[mask],
             teacher_weight=teacher_weight,
             teacher_bias=teacher_bias,
@@ -445,6 +446,18 @@ class SDPOLoss:
             self.config.self_distillation.contrastive_weight, active[:, None],
         )  # fmt: skip
 
+    def head_params(
+        self, weight: Tensor | None, bias: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """The LM head's ``(weight [V, H], bias [V])`` as the training passes use them: as stored
+        (float32 master weights: float32 logits), or cast to the compute dtype when
+        ``model.lm_head_dtype=compute`` (the cast is differentiable: gradients reach the float32
+        weights). ``None`` passes through (a teacher without its own head)."""
+        dtype = self.runtime.compute_dtype
+        if self.config.model.lm_head_dtype != "compute" or weight is None or weight.dtype == dtype:
+            return weight, bias
+        return weight.to(dtype), None if bias is None else bias.to(dtype)
+
     @torch.no_grad()
     def reference_logprobs(self, mb: MicroBatch) -> Tensor:
         """Sampled-token log-probs ``[b, L]`` under the reference (initial) weights."""
@@ -453,12 +466,12 @@ class SDPOLoss:
                 mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask,
                 model=reference,
             )  # fmt: skip
-            ref_head = output_head(reference)
+            ref_weight, ref_bias = self.head_params(*_weight_bias(output_head(reference)))
             lp = policy_terms(
                 ref_hidden[mb.mask],
-                ref_head.weight,
+                ref_weight,
                 mb.completion_ids[mb.mask],
-                lm_head_bias=ref_head.bias,
+                lm_head_bias=ref_bias,
                 temperature=self.temperature,
                 chunk_size=self.config.self_distillation.loss_chunk_size,
             )["logprobs"]
@@ -621,3 +634,7 @@ def unflatten(values: Tensor, mask: Tensor) -> Tensor:
 
 def _agg(counts: dict[str, float]) -> dict[str, float]:
     return {k: counts[k] for k in ("num_tokens", "num_sequences", "max_completion_length")}
+
+
+def _weight_bias(head: torch.nn.Module) -> tuple[Tensor, Tensor | None]:
+    return head.weight, head.bias
