@@ -549,6 +549,11 @@ def run_sdpo(args, path: Path, tokenizer, prompts: list[str], out_dir: str) -> d
         "run__save_steps": 1000,
         "run__sample_log_steps": 1000,
     }
+    import yaml
+
+    for item in args.sdpo_set:  # KEY=VALUE, e.g. self_distillation.loss_chunk_size=1024
+        key, _, value = item.partition("=")
+        overrides[key.replace(".", "__")] = yaml.safe_load(value)
     if args.case.endswith("-lora"):  # same adapter as TRL's case: all 7 projections, alpha = 2r
         overrides["model__lora__r"] = args.lora_r
         overrides["model__lora__lora_alpha"] = 2.0 * args.lora_r
@@ -668,6 +673,7 @@ def run_case(args) -> dict:
         "device": args.device,
         "sdpo_gradient_checkpointing": args.sdpo_gradient_checkpointing,
         "sdpo_lm_head": args.sdpo_lm_head,
+        "sdpo_set": args.sdpo_set,
         "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
         "clock": args.clock,
     }
@@ -752,6 +758,7 @@ def passthrough_workload(args) -> list[str]:
         out.append("--trl-gradient-checkpointing")
     if args.sdpo_gradient_checkpointing:
         out.append("--sdpo-gradient-checkpointing")
+    out += [f"--sdpo-set={item}" for item in args.sdpo_set]
     return out + ["--sdpo-lm-head", args.sdpo_lm_head]
 
 
@@ -868,6 +875,13 @@ def main(argv: list[str] | None = None) -> int:
         choices=("float32", "compute"),
         default="float32",
         help="sdpo's model.lm_head_dtype (compute: the head in --dtype, as TRL's)",
+    )
+    parser.add_argument(
+        "--sdpo-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another sdpo config key for the sdpo cases (repeatable)",
     )
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="per completion")
     parser.add_argument("--samples", type=int, default=SAMPLES_PER_PROMPT, help="G per prompt")
