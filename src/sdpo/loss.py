@@ -466,7 +466,8 @@ class SDPOLoss:
                 mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask,
                 model=reference,
             )  # fmt: skip
-            ref_weight, ref_bias = self.head_params(*_weight_bias(output_head(reference)))
+            ref_head = output_head(reference)
+            ref_weight, ref_bias = self.head_params(ref_head.weight, ref_head.bias)
             lp = policy_terms(
                 ref_hidden[mb.mask],
                 ref_weight,
@@ -634,7 +635,3 @@ def unflatten(values: Tensor, mask: Tensor) -> Tensor:
 
 def _agg(counts: dict[str, float]) -> dict[str, float]:
     return {k: counts[k] for k in ("num_tokens", "num_sequences", "max_completion_length")}
-
-
-def _weight_bias(head: torch.nn.Module) -> tuple[Tensor, Tensor | None]:
-    return head.weight, head.bias
